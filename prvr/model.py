@@ -1,0 +1,300 @@
+"""MS-SL++ for Partially Relevant Video Retrieval, top-down in one file.
+
+Small modules first (feature encoder, query pooling, clustering), the full
+network last. Shapes: Q queries, L tokens, V videos, U clip units (map_size),
+N spans, K kept clips, T frames, H hidden size.
+
+Encode and score are separate so training, evaluation, the search engine and the
+server share one scoring path::
+
+    q = model.encode_queries(tokens, token_mask)              # (Q, H)
+    v = model.encode_videos(units, frames, frame_mask)        # clips/attended (V, K, H)
+    s = score(q, v.clips, v.attended, alpha=0.7)               # fused/clip/frame (Q, V)
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prvr.config import ModelConfig
+
+__all__ = ["PRVRModel", "VideoEmbeddings", "Scores", "score", "kmedoids", "span_table",
+           "sinusoidal_table"]
+
+
+class VideoEmbeddings(NamedTuple):
+    """What a video contributes to retrieval, independent of any query."""
+    clips: torch.Tensor     # (V, K, H) clip embeddings (medoid spans for ms-sl++)
+    spans: torch.Tensor     # (V, K, 2) int64 [start, end) in clip units
+    attended: torch.Tensor  # (V, K, H) KCGA frame vector when clip k is the key clip
+
+
+class Scores(NamedTuple):
+    fused: torch.Tensor     # (Q, V) alpha * clip + (1 - alpha) * frame
+    clip: torch.Tensor      # (Q, V) max cosine over the video's clips
+    frame: torch.Tensor     # (Q, V) cosine with the key clip's attended frame vector
+    key_clip: torch.Tensor  # (Q, V) int64 index of the key clip in 0..K-1
+
+
+# --------------------------------------------------------------------------- #
+# Building blocks
+# --------------------------------------------------------------------------- #
+class SelfAttentionBlock(nn.Module):
+    """Multi-head self-attention + output projection + residual + LayerNorm (no FFN)."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attn_drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, hidden)
+        self.out_drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, L, H = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        att = q @ k.transpose(-1, -2) / math.sqrt(H // self.heads)       # (B, h, L, L)
+        att = att.masked_fill(~mask[:, None, None, :], torch.finfo(att.dtype).min)
+        att = self.attn_drop(att.softmax(-1))
+        y = (att @ v).transpose(1, 2).reshape(B, L, H)                   # (B, L, H)
+        return self.norm(x + self.out_drop(self.out(y)))
+
+
+class FeatureEncoder(nn.Module):
+    """Input projection, trainable positions, one self-attention block (query/clip/frame)."""
+
+    def __init__(self, in_dim: int, hidden: int, max_len: int, heads: int, dropout: float):
+        super().__init__()
+        self.project = nn.Sequential(nn.LayerNorm(in_dim), nn.Dropout(dropout),
+                                     nn.Linear(in_dim, hidden), nn.ReLU())
+        self.position = nn.Embedding(max_len, hidden)
+        self.pos_norm = nn.LayerNorm(hidden)
+        self.pos_drop = nn.Dropout(dropout)
+        self.attention = SelfAttentionBlock(hidden, heads, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.project(x)                                               # (B, L, H)
+        h = self.pos_drop(self.pos_norm(h + self.position.weight[: h.shape[1]]))
+        return self.attention(h, mask)                                    # (B, L, H)
+
+
+def masked_softmax_pool(x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of x (B, L, H) with softmax(logits (B, L)) over unmasked positions."""
+    w = logits.masked_fill(~mask, torch.finfo(logits.dtype).min).softmax(-1)
+    return (w.unsqueeze(-1) * x).sum(1)                                  # (B, H)
+
+
+def span_table(units: int) -> torch.Tensor:
+    """All contiguous spans of `units` clip units, ordered by length then start: (N, 2) [start, end)."""
+    spans = [(s, s + n) for n in range(1, units + 1) for s in range(units - n + 1)]
+    return torch.tensor(spans, dtype=torch.long)
+
+
+def sinusoidal_table(n: int, dim: int) -> torch.Tensor:
+    """Fixed sinusoidal encoding (n, dim); row i encodes span length i + 1."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+# --------------------------------------------------------------------------- #
+# Length-aware clip clustering (batched k-medoids, no [B, K, N, N] tensors)
+# --------------------------------------------------------------------------- #
+@torch.no_grad()
+def kmedoids(dist: torch.Tensor, k: int, iters: int = 60, tol: float = 1e-5) -> torch.Tensor:
+    """Batched k-medoids on precomputed distances (B, N, N) -> sorted medoid indices (B, k).
+
+    Farthest-point initialisation (first medoid: the most central point), then
+    alternate assignment / medoid update. The update needs, for each point, the
+    sum of distances to the members of its own cluster: one masked (B, N, N)
+    reduction instead of the original (B, K, N, N) tensor.
+    """
+    B, N, _ = dist.shape
+    batch = torch.arange(B, device=dist.device)
+    medoids = torch.empty(B, k, dtype=torch.long, device=dist.device)
+    medoids[:, 0] = dist.sum(-1).argmin(-1)
+    nearest = dist[batch, medoids[:, 0]]                                  # (B, N)
+    for j in range(1, k):
+        medoids[:, j] = nearest.argmax(-1)
+        nearest = torch.minimum(nearest, dist[batch, medoids[:, j]])
+    prev_cost = torch.full((B,), float("inf"), device=dist.device, dtype=dist.dtype)
+    for _ in range(iters):
+        to_medoid = dist.gather(2, medoids[:, None, :].expand(B, N, k))   # (B, N, k)
+        near, assign = to_medoid.min(-1)                                  # (B, N)
+        cost = near.sum(-1)                                               # (B,)
+        same = assign[:, :, None] == assign[:, None, :]                   # (B, N, N)
+        within = (dist * same).sum(-1)                                    # (B, N)
+        member = F.one_hot(assign, k).bool()                              # (B, N, k)
+        candidate = within[:, :, None].masked_fill(~member, float("inf"))  # (B, N, k)
+        best, new = candidate.min(1)                                      # (B, k)
+        medoids = torch.where(torch.isinf(best), medoids, new)           # empty cluster: keep
+        if bool(((prev_cost - cost).abs() <= tol * cost.clamp_min(1e-12)).all()):
+            break
+        prev_cost = cost
+    return medoids.sort(-1).values
+
+
+# --------------------------------------------------------------------------- #
+# Scoring (shared by training, evaluation, search and serving)
+# --------------------------------------------------------------------------- #
+def score(queries: torch.Tensor, clips: torch.Tensor, attended: torch.Tensor,
+          alpha: float, video_chunk: int = 4096) -> Scores:
+    """Fused, clip-scale and frame-scale scores of queries (Q, H) against videos (V, K, H).
+
+    S_c = max over clips of cosine(query, clip); the argmax is the key clip;
+    S_f = cosine(query, attended vector of the key clip); S = alpha*S_c + (1-alpha)*S_f.
+    Videos are processed in chunks so memory stays bounded for large corpora.
+    """
+    q = F.normalize(queries.float(), dim=-1)                              # (Q, H)
+    out = []
+    for start in range(0, clips.shape[0], video_chunk):
+        c = F.normalize(clips[start:start + video_chunk].float(), dim=-1)  # (v, K, H)
+        a = F.normalize(attended[start:start + video_chunk].float(), dim=-1)
+        sims = torch.einsum("qh,vkh->qvk", q, c)                         # (Q, v, K)
+        clip_score, key = sims.max(-1)                                    # (Q, v)
+        frame_all = torch.einsum("qh,vkh->qvk", q, a)                    # (Q, v, K)
+        frame_score = frame_all.gather(2, key.unsqueeze(-1)).squeeze(-1)  # (Q, v)
+        out.append((clip_score, frame_score, key))
+    clip_score = torch.cat([o[0] for o in out], 1)
+    frame_score = torch.cat([o[1] for o in out], 1)
+    key = torch.cat([o[2] for o in out], 1)
+    return Scores(alpha * clip_score + (1 - alpha) * frame_score, clip_score, frame_score, key)
+
+
+# --------------------------------------------------------------------------- #
+# The network
+# --------------------------------------------------------------------------- #
+class PRVRModel(nn.Module):
+    """MS-SL++ (variant 'ms-sl++'), MS-SL ('ms-sl': all spans) or a mean-pool baseline."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.video_dim <= 0 or cfg.text_dim <= 0:
+            raise ValueError("ModelConfig.video_dim and text_dim must be read from the data first")
+        self.cfg = cfg
+        H, drop, heads = cfg.hidden_size, cfg.dropout, cfg.num_heads
+        if cfg.variant == "mean-pool":
+            self.query_proj = nn.Linear(cfg.text_dim, H)
+            self.video_proj = nn.Linear(cfg.video_dim, H)
+        else:
+            self.query_encoder = FeatureEncoder(cfg.text_dim, H, cfg.max_desc_len, heads, drop)
+            self.query_pool = nn.Linear(H, 1, bias=False)
+            self.clip_encoder = FeatureEncoder(cfg.video_dim, H, cfg.map_size, heads, drop)
+            self.frame_encoder = FeatureEncoder(cfg.video_dim, H, cfg.max_ctx_len, heads, drop)
+            self.kcga_key = nn.Linear(H, H, bias=False)
+            self.kcga_value = nn.Linear(H, H, bias=False)
+            spans = span_table(cfg.map_size)                              # (N, 2)
+            pool = torch.zeros(len(spans), cfg.map_size)                  # (N, U) span averaging
+            for i, (s, e) in enumerate(spans.tolist()):
+                pool[i, s:e] = 1.0 / (e - s)
+            self.register_buffer("spans", spans, persistent=False)
+            self.register_buffer("span_pool", pool, persistent=False)
+            self.register_buffer("length_table", sinusoidal_table(cfg.map_size, cfg.length_enc_dim),
+                                 persistent=False)
+            self.length_drop = nn.Dropout(drop)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def num_clips(self) -> int:
+        """K: clips kept per video."""
+        if self.cfg.variant == "mean-pool":
+            return 1
+        n = self.cfg.map_size * (self.cfg.map_size + 1) // 2
+        return n if self.cfg.variant == "ms-sl" else self.cfg.cluster_num
+
+    # -- queries -------------------------------------------------------------
+    def encode_queries(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token features (Q, L, Dt) with mask (Q, L) -> query vectors (Q, H)."""
+        tokens = F.normalize(tokens, dim=-1)
+        mask = mask.bool()
+        if self.cfg.variant == "mean-pool":
+            pooled = (tokens * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+            return self.query_proj(pooled)                                # (Q, H)
+        h = self.query_encoder(tokens, mask)                              # (Q, L, H)
+        return masked_softmax_pool(h, self.query_pool(h).squeeze(-1), mask)  # (Q, H)
+
+    # -- videos --------------------------------------------------------------
+    def encode_videos(self, units: torch.Tensor, frames: torch.Tensor,
+                      frame_mask: torch.Tensor) -> VideoEmbeddings:
+        """Clip units (V, U, Dv), frames (V, T, Dv) + mask -> K clips, spans, attended vectors."""
+        frame_mask = frame_mask.bool()
+        V = units.shape[0]
+        if self.cfg.variant == "mean-pool":
+            f = F.normalize(frames, dim=-1) * frame_mask.unsqueeze(-1)
+            pooled = f.sum(1) / frame_mask.sum(1, keepdim=True).clamp_min(1)  # (V, Dv)
+            vec = self.video_proj(pooled).unsqueeze(1)                      # (V, 1, H)
+            spans = torch.tensor([[0, self.cfg.map_size]], device=units.device).expand(V, 1, 2)
+            return VideoEmbeddings(vec, spans, vec)
+        unit_mask = torch.ones(units.shape[:2], dtype=torch.bool, device=units.device)
+        enc_units = self.clip_encoder(units, unit_mask)                   # (V, U, H)
+        span_feats = self.span_pool @ enc_units                           # (V, N, H)
+        if self.cfg.variant == "ms-sl++":
+            keep = self.cluster_spans(enc_units)                          # (V, K)
+            clips = span_feats.gather(1, keep.unsqueeze(-1).expand(-1, -1, span_feats.shape[-1]))
+            spans = self.spans[keep]                                      # (V, K, 2)
+        else:
+            clips, spans = span_feats, self.spans.expand(V, -1, -1)
+        enc_frames = self.frame_encoder(frames, frame_mask)               # (V, T, H)
+        return VideoEmbeddings(clips, spans, self.key_clip_attention(clips, enc_frames, frame_mask))
+
+    @torch.no_grad()
+    def cluster_spans(self, enc_units: torch.Tensor) -> torch.Tensor:
+        """Medoid span indices (V, K) of [span feature ; length encoding] under Euclidean distance.
+
+        Spans are linear in the units (span = P @ units), so their Gram matrix is
+        P (U U^T) P^T: (V, U, U) work instead of (V, N, N, H). The length encoding
+        (with dropout in training, drawn per video) enters the same way.
+        """
+        P = self.span_pool                                                # (N, U)
+        gram = P @ (enc_units @ enc_units.transpose(1, 2)) @ P.T          # (V, N, N)
+        V = enc_units.shape[0]
+        table = self.length_drop(self.length_table.expand(V, -1, -1))     # (V, U, E)
+        length = (self.spans[:, 1] - self.spans[:, 0] - 1)                # (N,) length index
+        len_gram = (table @ table.transpose(1, 2))[:, length][:, :, length]  # (V, N, N)
+        gram = gram + len_gram
+        sq = gram.diagonal(dim1=1, dim2=2)                                # (V, N)
+        dist = (sq[:, :, None] + sq[:, None, :] - 2 * gram).clamp_min(0).sqrt()
+        return kmedoids(dist, self.cfg.cluster_num, self.cfg.kmedoids_iters, self.cfg.kmedoids_tol)
+
+    def key_clip_attention(self, clips: torch.Tensor, frames: torch.Tensor,
+                           frame_mask: torch.Tensor) -> torch.Tensor:
+        """KCGA for every candidate key clip: clips (V, K, H), frames (V, T, H) -> (V, K, H).
+
+        The raw clip feature is the attention query (single head, no scaling);
+        a pair (query, video) only selects which of the K rows it uses.
+        """
+        keys, values = self.kcga_key(frames), self.kcga_value(frames)      # (V, T, H)
+        logits = clips @ keys.transpose(1, 2)                             # (V, K, T)
+        logits = logits.masked_fill(~frame_mask[:, None, :], torch.finfo(logits.dtype).min)
+        return logits.softmax(-1) @ values                                # (V, K, H)
+
+    # -- training forward ----------------------------------------------------
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor, units: torch.Tensor,
+                frames: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Score matrices (Q, V) for the losses: cosine scores and raw dot products."""
+        q = self.encode_queries(tokens, token_mask)                       # (Q, H)
+        v = self.encode_videos(units, frames, frame_mask)                 # (V, K, H) x2
+        s = score(q, v.clips, v.attended, self.cfg.alpha)
+        raw_clip = torch.einsum("qh,vkh->qvk", q, v.clips).max(-1).values  # (Q, V)
+        raw_att = torch.einsum("qh,vkh->qvk", q, v.attended)              # (Q, V, K)
+        raw_frame = raw_att.gather(2, s.key_clip.unsqueeze(-1)).squeeze(-1)  # (Q, V)
+        return {"clip": s.clip, "frame": s.frame, "fused": s.fused,
+                "clip_raw": raw_clip, "frame_raw": raw_frame, "queries": q}
