@@ -113,9 +113,10 @@ def kmedoids(dist: torch.Tensor, k: int, iters: int = 60, tol: float = 1e-5) -> 
     """Batched k-medoids on precomputed distances (B, N, N) -> sorted medoid indices (B, k).
 
     Farthest-point initialisation (first medoid: the most central point), then
-    alternate assignment / medoid update. The update needs, for each point, the
-    sum of distances to the members of its own cluster: one masked (B, N, N)
-    reduction instead of the original (B, K, N, N) tensor.
+    alternate assignment / medoid update until the medoids stop changing or the
+    total cost improves by less than `tol` (relative). The update needs, for each
+    point, the sum of distances to the members of each cluster: one (B, N, N) x
+    (B, N, k) product instead of the original (B, k, N, N) tensor.
     """
     B, N, _ = dist.shape
     batch = torch.arange(B, device=dist.device)
@@ -125,20 +126,21 @@ def kmedoids(dist: torch.Tensor, k: int, iters: int = 60, tol: float = 1e-5) -> 
     for j in range(1, k):
         medoids[:, j] = nearest.argmax(-1)
         nearest = torch.minimum(nearest, dist[batch, medoids[:, j]])
-    prev_cost = torch.full((B,), float("inf"), device=dist.device, dtype=dist.dtype)
     for _ in range(iters):
         to_medoid = dist.gather(2, medoids[:, None, :].expand(B, N, k))   # (B, N, k)
         near, assign = to_medoid.min(-1)                                  # (B, N)
-        cost = near.sum(-1)                                               # (B,)
-        same = assign[:, :, None] == assign[:, None, :]                   # (B, N, N)
-        within = (dist * same).sum(-1)                                    # (B, N)
-        member = F.one_hot(assign, k).bool()                              # (B, N, k)
-        candidate = within[:, :, None].masked_fill(~member, float("inf"))  # (B, N, k)
-        best, new = candidate.min(1)                                      # (B, k)
-        medoids = torch.where(torch.isinf(best), medoids, new)           # empty cluster: keep
-        if bool(((prev_cost - cost).abs() <= tol * cost.clamp_min(1e-12)).all()):
+        member = torch.zeros(B, N, k, dtype=dist.dtype, device=dist.device)
+        member.scatter_(2, assign.unsqueeze(-1), 1.0)                     # (B, N, k) one-hot
+        within = torch.bmm(dist, member)                                  # (B, N, k) sum to members
+        best, new = within.masked_fill(member == 0, float("inf")).min(1)  # (B, k)
+        new = torch.where(torch.isinf(best), medoids, new)               # empty cluster: keep
+        old_cost = near.sum(-1)                                           # (B,)
+        new_cost = dist.gather(2, new[:, None, :].expand(B, N, k)).min(-1).values.sum(-1)
+        done = torch.equal(new, medoids) or bool(
+            ((old_cost - new_cost).abs() <= tol * old_cost.clamp_min(1e-12)).all())
+        medoids = new
+        if done:
             break
-        prev_cost = cost
     return medoids.sort(-1).values
 
 
@@ -187,7 +189,10 @@ class PRVRModel(nn.Module):
         else:
             self.query_encoder = FeatureEncoder(cfg.text_dim, H, cfg.max_desc_len, heads, drop)
             self.query_pool = nn.Linear(H, 1, bias=False)
-            self.clip_encoder = FeatureEncoder(cfg.video_dim, H, cfg.map_size, heads, drop)
+            # As the original code, the clip encoder's position table has max_ctx_len rows
+            # (only the first map_size are used); this gives the published parameter counts.
+            self.clip_encoder = FeatureEncoder(cfg.video_dim, H, max(cfg.max_ctx_len, cfg.map_size),
+                                               heads, drop)
             self.frame_encoder = FeatureEncoder(cfg.video_dim, H, cfg.max_ctx_len, heads, drop)
             self.kcga_key = nn.Linear(H, H, bias=False)
             self.kcga_value = nn.Linear(H, H, bias=False)

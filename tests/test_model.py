@@ -1,0 +1,190 @@
+"""MS-SL++ model: clustering against a plain reference, the encode/score split, shapes, sizes."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prvr.config import ModelConfig
+from prvr.model import PRVRModel, kmedoids, score, sinusoidal_table, span_table
+
+
+def reference_kmedoids(points: torch.Tensor, k: int, iters: int = 60, tol: float = 1e-5) -> list[int]:
+    """Obviously-correct k-medoids for one video: Python loops, explicit Euclidean distances."""
+    n = len(points)
+    d = [[float(torch.dist(points[i], points[j])) for j in range(n)] for i in range(n)]
+    medoids = [min(range(n), key=lambda i: sum(d[i]))]
+    while len(medoids) < k:
+        nearest = [min(d[i][m] for m in medoids) for i in range(n)]
+        medoids.append(max(range(n), key=lambda i: (nearest[i], -i)))
+    for _ in range(iters):
+        assign = [min(range(k), key=lambda c: (d[i][medoids[c]], c)) for i in range(n)]
+        old_cost = sum(d[i][medoids[assign[i]]] for i in range(n))
+        new = []
+        for c in range(k):
+            members = [i for i in range(n) if assign[i] == c]
+            new.append(min(members, key=lambda i: (sum(d[i][j] for j in members), i))
+                       if members else medoids[c])
+        new_cost = sum(min(d[i][m] for m in new) for i in range(n))
+        done = new == medoids or abs(old_cost - new_cost) <= tol * max(old_cost, 1e-12)
+        medoids = new
+        if done:
+            break
+    return sorted(medoids)
+
+
+def test_kmedoids_matches_reference():
+    torch.manual_seed(0)
+    pts = torch.randn(3, 40, 5, dtype=torch.float64)
+    dist = torch.cdist(pts, pts)
+    got = kmedoids(dist, 6)
+    for b in range(3):
+        assert got[b].tolist() == reference_kmedoids(pts[b], 6)
+
+
+def test_kmedoids_medoids_are_distinct_points_and_sorted():
+    torch.manual_seed(1)
+    pts = torch.randn(2, 60, 3)
+    got = kmedoids(torch.cdist(pts, pts), 8)
+    for row in got:
+        assert row.tolist() == sorted(set(row.tolist()))
+
+
+def test_kmedoids_memory_is_not_batch_k_n_n():
+    """[64, 32, 528, 528] fp32 would be 2.3 GB; the batched version must stay far below."""
+    code = (
+        "import resource, torch\n"
+        "from prvr.model import kmedoids\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(64, 528, 16)\n"
+        "d = torch.cdist(x, x)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "kmedoids(d, 32, iters=5)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print((after - before) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown_mb = int(out.stdout.strip().splitlines()[-1])
+    assert grown_mb < 600, f"k-medoids grew RSS by {grown_mb} MB"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(video_dim=24, text_dim=16, hidden_size=32, num_heads=4, map_size=8,
+                      max_ctx_len=20, max_desc_len=10, cluster_num=6)
+    return PRVRModel(cfg).eval()
+
+
+def _batch(V=5, Q=7, T=20):
+    g = torch.Generator().manual_seed(3)
+    units = torch.randn(V, 8, 24, generator=g)
+    frames = torch.randn(V, T, 24, generator=g)
+    fmask = torch.ones(V, T, dtype=torch.bool)
+    fmask[1, 12:] = False
+    fmask[3, 5:] = False
+    tokens = torch.randn(Q, 10, 16, generator=g)
+    tmask = torch.ones(Q, 10, dtype=torch.bool)
+    tmask[2, 4:] = False
+    return tokens, tmask, units, frames, fmask
+
+
+def test_span_table_counts_every_contiguous_span():
+    spans = span_table(32)
+    assert len(spans) == 528
+    assert len({tuple(s) for s in spans.tolist()}) == 528
+    assert (spans[:, 1] > spans[:, 0]).all() and spans.max() == 32 and spans.min() == 0
+
+
+def test_sinusoidal_table_is_fixed_and_distinct():
+    t = sinusoidal_table(32, 256)
+    assert t.shape == (32, 256)
+    assert torch.equal(t, sinusoidal_table(32, 256))
+    assert torch.cdist(t, t).add(torch.eye(32) * 10).min() > 0.1
+
+
+def test_cluster_distances_equal_explicit_concatenation(model):
+    """The Gram-matrix shortcut gives the same medoids as explicit [span ; length] vectors."""
+    _, _, units, _, _ = _batch()
+    with torch.no_grad():
+        enc = model.clip_encoder(units, torch.ones(units.shape[:2], dtype=torch.bool))
+        spans = model.span_pool @ enc
+        lengths = model.spans[:, 1] - model.spans[:, 0] - 1
+        explicit = torch.cat([spans, model.length_table[lengths].expand(len(units), -1, -1)], -1)
+        want = kmedoids(torch.cdist(explicit.double(), explicit.double()), model.cfg.cluster_num)
+        got = model.cluster_spans(enc)
+    assert torch.equal(got, want)
+
+
+def test_score_equals_direct_per_pair_forward(model):
+    """score() on precomputed K attended vectors == the per-(query, video) KCGA forward."""
+    tokens, tmask, units, frames, fmask = _batch()
+    with torch.no_grad():
+        q = model.encode_queries(tokens, tmask)
+        v = model.encode_videos(units, frames, fmask)
+        s = score(q, v.clips, v.attended, alpha=0.7)
+        enc_frames = model.frame_encoder(frames, fmask)
+        for i in range(len(q)):
+            for j in range(len(units)):
+                cos = F.cosine_similarity(q[i][None], v.clips[j], dim=-1)          # (K,)
+                key = int(cos.argmax())
+                att_logits = model.kcga_key(enc_frames[j]) @ v.clips[j, key]       # (T,)
+                att_logits[~fmask[j]] = float("-inf")
+                attended = att_logits.softmax(0) @ model.kcga_value(enc_frames[j])  # (H,)
+                frame = F.cosine_similarity(q[i], attended, dim=0)
+                assert int(s.key_clip[i, j]) == key
+                assert abs(float(s.clip[i, j]) - float(cos.max())) < 1e-5
+                assert abs(float(s.frame[i, j]) - float(frame)) < 1e-5
+                assert abs(float(s.fused[i, j]) - (0.7 * float(cos.max()) + 0.3 * float(frame))) < 1e-5
+
+
+def test_score_chunking_does_not_change_results(model):
+    tokens, tmask, units, frames, fmask = _batch(V=9)
+    with torch.no_grad():
+        q = model.encode_queries(tokens, tmask)
+        v = model.encode_videos(units, frames, fmask)
+        whole = score(q, v.clips, v.attended, 0.5)
+        chunked = score(q, v.clips, v.attended, 0.5, video_chunk=2)
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant,k", [("ms-sl++", 6), ("ms-sl", 36), ("mean-pool", 1)])
+def test_variants_share_one_interface(variant, k):
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant=variant, video_dim=24, text_dim=16, hidden_size=32, map_size=8,
+                      max_ctx_len=20, max_desc_len=10, cluster_num=6)
+    m = PRVRModel(cfg).eval()
+    tokens, tmask, units, frames, fmask = _batch()
+    with torch.no_grad():
+        v = m.encode_videos(units, frames, fmask)
+        out = m(tokens, tmask, units, frames, fmask)
+    assert v.clips.shape == (5, k, 32) and v.attended.shape == (5, k, 32)
+    assert v.spans.shape == (5, k, 2)
+    assert ((v.spans[..., 1] > v.spans[..., 0]) & (v.spans[..., 1] <= 8)).all()
+    assert out["fused"].shape == (7, 5) and torch.isfinite(out["fused"]).all()
+
+
+def test_gradients_flow_through_medoid_clips(model):
+    model.train()
+    try:
+        tokens, tmask, units, frames, fmask = _batch()
+        out = model(tokens, tmask, units, frames, fmask)
+        (out["clip"].sum() + out["frame"].sum()).backward()
+        assert model.clip_encoder.project[2].weight.grad.abs().sum() > 0
+        assert model.kcga_key.weight.grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+@pytest.mark.parametrize("dims,expected", [((3072, 768), 4.85e6), ((1024, 1024), 3.37e6)])
+def test_parameter_count_matches_paper(dims, expected):
+    m = PRVRModel(ModelConfig(video_dim=dims[0], text_dim=dims[1]))
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - expected) / expected < 0.005, n
+
+
+def test_model_requires_dims_from_data():
+    with pytest.raises(ValueError, match="video_dim"):
+        PRVRModel(ModelConfig())
