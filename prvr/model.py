@@ -294,12 +294,22 @@ class PRVRModel(nn.Module):
     # -- training forward ----------------------------------------------------
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor, units: torch.Tensor,
                 frames: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Score matrices (Q, V) for the losses: cosine scores and raw dot products."""
+        """Score matrices (Q, V) for the losses: cosine scores and raw dot products.
+
+        Same scores as `score`, computed for a training batch: one query x clip
+        product, then only the key clip's attended vector is gathered per pair
+        instead of scoring all K of them.
+        """
         q = self.encode_queries(tokens, token_mask)                       # (Q, H)
         v = self.encode_videos(units, frames, frame_mask)                 # (V, K, H) x2
-        s = score(q, v.clips, v.attended, self.cfg.alpha)
-        raw_clip = torch.einsum("qh,vkh->qvk", q, v.clips).max(-1).values  # (Q, V)
-        raw_att = torch.einsum("qh,vkh->qvk", q, v.attended)              # (Q, V, K)
-        raw_frame = raw_att.gather(2, s.key_clip.unsqueeze(-1)).squeeze(-1)  # (Q, V)
-        return {"clip": s.clip, "frame": s.frame, "fused": s.fused,
-                "clip_raw": raw_clip, "frame_raw": raw_frame, "queries": q}
+        raw_all = torch.einsum("qh,vkh->qvk", q, v.clips)                 # (Q, V, K)
+        q_norm = q.norm(dim=-1).clamp_min(1e-12)                          # (Q,)
+        clip_norm = v.clips.norm(dim=-1).clamp_min(1e-12)                 # (V, K)
+        clip, key = (raw_all / (q_norm[:, None, None] * clip_norm)).max(-1)  # (Q, V)
+        video = torch.arange(v.clips.shape[0], device=q.device).expand_as(key)
+        att = v.attended[video, key]                                      # (Q, V, H)
+        raw_frame = (q[:, None, :] * att).sum(-1)                         # (Q, V)
+        frame = raw_frame / (q_norm[:, None] * att.norm(dim=-1).clamp_min(1e-12))
+        return {"clip": clip, "frame": frame,
+                "fused": self.cfg.alpha * clip + (1 - self.cfg.alpha) * frame,
+                "clip_raw": raw_all.max(-1).values, "frame_raw": raw_frame, "queries": q}

@@ -138,6 +138,19 @@ def test_score_equals_direct_per_pair_forward(model):
                 assert abs(float(s.fused[i, j]) - (0.7 * float(cos.max()) + 0.3 * float(frame))) < 1e-5
 
 
+def test_training_forward_scores_equal_score(model):
+    tokens, tmask, units, frames, fmask = _batch()
+    with torch.no_grad():
+        out = model(tokens, tmask, units, frames, fmask)
+        q = model.encode_queries(tokens, tmask)
+        v = model.encode_videos(units, frames, fmask)
+        s = score(q, v.clips, v.attended, model.cfg.alpha)
+        raw = torch.einsum("qh,vkh->qvk", q, v.clips).max(-1).values
+    for kind in ("clip", "frame", "fused"):
+        assert torch.allclose(out[kind], getattr(s, kind), atol=1e-5), kind
+    assert torch.allclose(out["clip_raw"], raw, atol=1e-5)
+
+
 def test_score_chunking_does_not_change_results(model):
     tokens, tmask, units, frames, fmask = _batch(V=9)
     with torch.no_grad():

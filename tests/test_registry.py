@@ -1,0 +1,383 @@
+"""Model registry against both backends: file:// and a real moto S3 server on 127.0.0.1."""
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from prvr.errors import RegistryError
+from prvr.registry import Registry, register_cli, resolve_metric, sha256_file
+
+try:
+    from helpers.servers import MotoS3, aws_test_env, free_port
+except ImportError:  # tests/ imported as a package
+    from tests.helpers.servers import MotoS3, aws_test_env, free_port
+
+NAME = "prvr-test"
+
+
+@pytest.fixture(scope="module")
+def moto():
+    server = MotoS3()
+    yield server
+    server.stop()
+
+
+class Backend:
+    """One registry backend plus the test-only ways to damage it."""
+
+    def __init__(self, kind: str, uri: str, moto: MotoS3 | None = None, root: Path | None = None,
+                 bucket: str | None = None, prefix: str = ""):
+        self.kind, self.uri, self.moto, self.root, self.bucket, self.prefix = kind, uri, moto, root, bucket, prefix
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.moto.endpoint if self.moto else None
+
+    def registry(self) -> Registry:
+        return Registry(self.uri, endpoint_url=self.endpoint)
+
+    def overwrite(self, key: str, data: bytes) -> None:
+        """Replace a stored object behind the registry's back (bit rot, a bad actor)."""
+        if self.moto:
+            self.moto.client().put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+        else:
+            (self.root / key).write_bytes(data)
+
+    def fail_after_first_upload(self, reg: Registry) -> None:
+        """S3: stop the server once the first file is stored. file: the disk fills up."""
+        store = reg._store
+        original = store.upload
+        calls = []
+
+        def upload(*args, **kwargs):
+            if calls:
+                if not self.moto:
+                    raise OSError(28, "No space left on device")
+            calls.append(args[0])
+            original(*args, **kwargs)
+            if self.moto:
+                self.moto.stop()
+
+        store.upload = upload
+
+    def recover(self) -> None:
+        if self.moto:
+            self.moto.restart()
+
+
+@pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.integration)])
+def backend(request, tmp_path, monkeypatch):
+    aws_test_env(monkeypatch)
+    if request.param == "file":
+        root = tmp_path / "registry"
+        return Backend("file", f"file://{root}", root=root)
+    server = request.getfixturevalue("moto")
+    if not server.running:
+        server.restart()
+    bucket = server.new_bucket()
+    return Backend("s3", f"s3://{bucket}/team/prvr", moto=server, bucket=bucket, prefix="team/prvr/")
+
+
+def make_model(tmp_path: Path, tag: str = "a") -> dict[str, Path]:
+    """A checkpoint plus a two-file index folder (nested), distinct per tag."""
+    d = tmp_path / f"model-{tag}"
+    (d / "index" / "shard").mkdir(parents=True, exist_ok=True)
+    (d / "model.pt").write_bytes(f"weights-{tag}".encode() * 1000)
+    (d / "index" / "clips.npy").write_bytes(f"clips-{tag}".encode() * 300)
+    (d / "index" / "shard" / "ids.json").write_text(json.dumps([tag, "v1", "v2"]))
+    return {"model.pt": d / "model.pt", "index": d / "index"}
+
+
+def metrics(sumr: float) -> dict:
+    return {"fused": {"r1": sumr / 4, "sumr": sumr}, "clip": {"sumr": sumr - 1}}
+
+
+# ----------------------------------------------------------------------------- basics
+def test_round_trip_with_checksums(backend, tmp_path):
+    reg = backend.registry()
+    files = make_model(tmp_path)
+    v = reg.register(NAME, files, metrics(150.0), {"train": {"lr": 5e-5}}, data_version="md5:abc",
+                     git_commit="0" * 40)
+    assert v == "v0001"
+    m = reg.show(NAME, v)
+    assert (m["name"], m["version"], m["data_version"], m["git_commit"]) == (NAME, v, "md5:abc", "0" * 40)
+    assert m["metrics"]["fused"]["sumr"] == 150.0 and m["params"] == {"train": {"lr": 5e-5}}
+    assert m["created"].endswith("+00:00")
+    assert set(m["files"]) == {"model.pt", "index/clips.npy", "index/shard/ids.json"}
+    assert m["files"]["model.pt"] == {"sha256": sha256_file(files["model.pt"]),
+                                      "size": files["model.pt"].stat().st_size}
+    assert reg.versions(NAME) == ["v0001"] and reg.production(NAME) is None
+    [row] = reg.list(NAME)
+    assert row["version"] == "v0001" and row["sumr"] == 150.0 and row["production"] is False
+
+    out = reg.pull(NAME, v, dest=tmp_path / "pulled")
+    assert (out / "model.pt").read_bytes() == files["model.pt"].read_bytes()
+    assert (out / "index" / "shard" / "ids.json").read_text() == (files["index"] / "shard" / "ids.json").read_text()
+    assert json.loads((out / "manifest.json").read_text())["version"] == v
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_register_a_directory_and_production_defaults(backend, tmp_path):
+    reg = backend.registry()
+    files = make_model(tmp_path)
+    v = reg.register(NAME, files["index"], metrics(1.0), {})
+    assert set(reg.show(NAME, v)["files"]) == {"clips.npy", "shard/ids.json"}
+    with pytest.raises(RegistryError, match="no production version"):
+        reg.show(NAME)
+    reg.promote(NAME, v)
+    assert reg.show(NAME)["version"] == v
+    assert (reg.pull(NAME, dest=tmp_path / "p") / "clips.npy").exists()
+
+
+def test_incomplete_version_is_ignored_and_never_reused(backend, tmp_path):
+    reg = backend.registry()
+    reg._store.put_new(f"models/{NAME}/v0001/.claim", b"{}")            # a crashed upload's claim
+    reg._store.put(f"models/{NAME}/v0001/model.pt", b"half")
+    assert reg.versions(NAME) == [] and reg.list(NAME) == []
+    with pytest.raises(RegistryError, match="no complete version v0001"):
+        reg.show(NAME, "v0001")
+    with pytest.raises(RegistryError, match="no complete version"):
+        reg.promote(NAME, "v0001")
+    assert reg.register(NAME, make_model(tmp_path), metrics(1.0), {}) == "v0002"
+
+
+def test_corrupted_file_is_refused_on_pull(backend, tmp_path):
+    reg = backend.registry()
+    v = reg.register(NAME, make_model(tmp_path), metrics(1.0), {})
+    backend.overwrite(f"models/{NAME}/{v}/model.pt", b"evil bytes")
+    dest = tmp_path / "pulled"
+    with pytest.raises(RegistryError, match="model.pt is corrupted"):
+        reg.pull(NAME, v, dest=dest)
+    assert not (dest / "model.pt").exists()
+
+
+def test_upload_verification_catches_a_bad_store(backend, tmp_path):
+    """If the bytes the store keeps differ from the local file, no manifest is written."""
+    reg = backend.registry()
+    store = reg._store
+    original = store.upload
+
+    def lossy_upload(key, src, *hashes):
+        bad = tmp_path / "bad"
+        bad.write_bytes(src.read_bytes()[:-1] + b"X")
+        original(key, bad, *hashes)
+
+    store.upload = lossy_upload
+    with pytest.raises(RegistryError, match="does not match the local file"):
+        reg.register(NAME, make_model(tmp_path), metrics(1.0), {})
+    assert reg.versions(NAME) == []
+
+
+# ----------------------------------------------------------------------------- pointer
+def test_promote_rollback_and_cas(backend, tmp_path):
+    reg = backend.registry()
+    v1 = reg.register(NAME, make_model(tmp_path, "1"), metrics(1.0), {})
+    v2 = reg.register(NAME, make_model(tmp_path, "2"), metrics(2.0), {})
+    reg.promote(NAME, v1, expected_current=None)
+    with pytest.raises(RegistryError, match="expected None"):
+        reg.promote(NAME, v2, expected_current=None)               # stale expectation
+    p = reg.promote(NAME, v2, expected_current=v1)
+    assert (p["version"], p["previous"]) == (v2, [v1])
+    assert reg.production(NAME) == v2
+    p = reg.rollback(NAME)
+    assert (p["version"], p["previous"], p["rolled_back_from"]) == (v1, [], v2)
+    with pytest.raises(RegistryError, match="no previous production"):
+        reg.rollback(NAME)
+    with pytest.raises(RegistryError, match="not of the form"):
+        reg.promote(NAME, "latest")
+
+
+def test_promotion_gate(backend, tmp_path):
+    reg = backend.registry()
+    d = reg.register_if_better(NAME, make_model(tmp_path, "1"), metrics(100.0), {})
+    assert d["promoted"] and d["version"] == "v0001" and d["production"] is None
+    assert "no production" in d["reason"]
+
+    d = reg.register_if_better(NAME, make_model(tmp_path, "2"), metrics(90.0), {})
+    assert d == {**d, "promoted": False, "version": None, "candidate": 90.0, "production": 100.0}
+    assert "does not beat" in d["reason"]
+    d = reg.register_if_better(NAME, make_model(tmp_path, "3"), metrics(100.5), {}, margin=1.0)
+    assert not d["promoted"] and d["version"] is None
+    assert reg.versions(NAME) == ["v0001"]                      # refused models are not pushed
+
+    d = reg.register_if_better(NAME, make_model(tmp_path, "4"), metrics(120.0), {},
+                               metric_key="fused.sumr", margin=1.0)
+    assert d["promoted"] and d["version"] == "v0002" and (d["candidate"], d["production"]) == (120.0, 100.0)
+    assert reg.pointer(NAME)["previous"] == ["v0001"]
+    with pytest.raises(RegistryError, match="no numeric 'fused.nope'"):
+        reg.register_if_better(NAME, make_model(tmp_path, "5"), metrics(1.0), {}, metric_key="fused.nope")
+
+
+def test_resolve_metric():
+    m = {"fused": {"sumr": 3.0}, "sumr": 1.0, "n": True}
+    assert resolve_metric(m, "sumr") == 1.0
+    assert resolve_metric({"fused": {"sumr": 3.0}}, "sumr") == 3.0
+    assert resolve_metric(m, "fused.sumr") == 3.0
+    assert resolve_metric(m, "clip.sumr") is None and resolve_metric(m, "n") is None
+
+
+# ----------------------------------------------------------------------------- concurrency
+def test_concurrent_registrations_and_promotions(backend, tmp_path):
+    n = 4
+    models = [make_model(tmp_path, str(i)) for i in range(n)]
+    barrier = threading.Barrier(n)
+    versions, errors = [None] * n, []
+
+    def work(i: int) -> None:
+        try:
+            reg = backend.registry()       # one client per thread, like separate processes
+            barrier.wait()
+            versions[i] = reg.register(NAME, models[i], metrics(float(i)), {})
+            reg.promote(NAME, versions[i])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert sorted(versions) == [f"v{i:04d}" for i in range(1, n + 1)]
+    reg = backend.registry()
+    assert reg.versions(NAME) == sorted(versions)
+    pointer = reg.pointer(NAME)
+    assert sorted(pointer["previous"] + [pointer["version"]]) == sorted(versions)   # no promotion lost
+    for i, v in enumerate(versions):                                               # no files mixed up
+        assert reg.show(NAME, v)["files"]["model.pt"]["sha256"] == sha256_file(models[i]["model.pt"])
+
+
+def test_concurrent_gates_keep_the_best(backend, tmp_path):
+    barrier = threading.Barrier(2)
+    decisions, errors = {}, []
+
+    def work(sumr: float) -> None:
+        try:
+            reg = backend.registry()
+            barrier.wait()
+            decisions[sumr] = reg.register_if_better(NAME, make_model(tmp_path, str(sumr)), metrics(sumr), {})
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (100.0, 200.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    reg = backend.registry()
+    assert decisions[200.0]["promoted"]
+    assert reg.show(NAME)["metrics"]["fused"]["sumr"] == 200.0
+
+
+# ----------------------------------------------------------------------------- failures
+def test_failure_mid_upload_leaves_registry_untouched(backend, tmp_path):
+    reg = backend.registry()
+    v1 = reg.register(NAME, make_model(tmp_path, "1"), metrics(100.0), {})
+    reg.promote(NAME, v1)
+    before = reg.pointer(NAME)
+
+    broken = backend.registry()
+    backend.fail_after_first_upload(broken)
+    try:
+        with pytest.raises(RegistryError) as info:
+            broken.register_if_better(NAME, make_model(tmp_path, "2"), metrics(150.0), {})
+        msg = str(info.value)
+        assert "uploading" in msg and NAME in msg
+        if backend.moto:
+            assert backend.endpoint in msg and "Could not connect" in msg
+        else:
+            assert "No space left" in msg
+    finally:
+        backend.recover()
+
+    reg = backend.registry()
+    assert reg.pointer(NAME) == before                 # production untouched
+    assert reg.versions(NAME) == [v1]                  # the half-uploaded version is invisible
+    assert (reg.pull(NAME, v1, dest=tmp_path / "p1") / "model.pt").exists()
+
+    d = reg.register_if_better(NAME, make_model(tmp_path, "2"), metrics(150.0), {})    # retry succeeds
+    assert d["promoted"] and d["version"] == "v0003"  # v0002 stays burnt: ids are never reused
+    assert reg.versions(NAME) == [v1, "v0003"] and reg.pointer(NAME)["previous"] == [v1]
+
+
+@pytest.mark.integration
+def test_s3_errors_are_clear(moto, tmp_path, monkeypatch):
+    aws_test_env(monkeypatch)
+    reg = Registry("s3://no-such-bucket-prvr/x", endpoint_url=moto.endpoint)
+    with pytest.raises(RegistryError, match="bucket 'no-such-bucket-prvr' does not exist"):
+        reg.register(NAME, make_model(tmp_path), metrics(1.0), {})
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(RegistryError, match="Could not connect"):
+        Registry("s3://bucket/x", endpoint_url=dead).list(NAME)
+
+
+@pytest.mark.integration
+def test_moto_honours_conditional_writes(moto, monkeypatch):
+    """The registry's CAS relies on S3 conditional PUTs; check this boto3 + moto pair does them."""
+    from botocore.exceptions import ClientError
+    aws_test_env(monkeypatch)
+    c, bucket = moto.client(), moto.new_bucket()
+    etag = c.put_object(Bucket=bucket, Key="k", Body=b"1", IfNoneMatch="*")["ETag"]
+    with pytest.raises(ClientError) as info:
+        c.put_object(Bucket=bucket, Key="k", Body=b"2", IfNoneMatch="*")
+    assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    with pytest.raises(ClientError) as info:
+        c.put_object(Bucket=bucket, Key="k", Body=b"2", IfMatch='"0123"')
+    assert info.value.response["Error"]["Code"] == "PreconditionFailed"
+    c.put_object(Bucket=bucket, Key="k", Body=b"2", IfMatch=etag)
+    assert c.get_object(Bucket=bucket, Key="k")["Body"].read() == b"2"
+
+
+@pytest.mark.parametrize("uri,match", [("ftp://x", "scheme"), ("s3://", "no bucket"), ("file://", "no folder")])
+def test_bad_uris(uri, match):
+    with pytest.raises(RegistryError, match=match):
+        Registry(uri)
+
+
+def test_bad_names_and_files(tmp_path):
+    reg = Registry(f"file://{tmp_path}")
+    with pytest.raises(RegistryError, match="model name"):
+        reg.list("../etc")
+    with pytest.raises(RegistryError, match="does not exist"):
+        reg.register(NAME, {"model.pt": tmp_path / "missing.pt"}, {}, {})
+    (tmp_path / "m.pt").write_bytes(b"x")
+    with pytest.raises(RegistryError, match="reserved"):
+        reg.register(NAME, {"manifest.json": tmp_path / "m.pt"}, {}, {})
+    with pytest.raises(RegistryError, match="clean relative path"):
+        reg.register(NAME, {"../m.pt": tmp_path / "m.pt"}, {}, {})
+
+
+# ----------------------------------------------------------------------------- CLI
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="prvr")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli(backend, tmp_path, capsys):
+    reg = backend.registry()
+    v1 = reg.register(NAME, make_model(tmp_path, "1"), metrics(100.0), {})
+    v2 = reg.register(NAME, make_model(tmp_path, "2"), metrics(120.0), {})
+    common = ["--uri", backend.uri, "--name", NAME] + (["--endpoint-url", backend.endpoint] if backend.moto else [])
+    assert run_cli(["registry", "promote", *common, "--version", v1, "--expect", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == v1
+    assert run_cli(["registry", "promote", *common, "--version", v2]) == 0
+    capsys.readouterr()
+    assert run_cli(["registry", "list", *common]) == 0
+    table = capsys.readouterr().out
+    assert f"* {v2}" in table and "120.00" in table
+    assert run_cli(["registry", "list", *common, "--json"]) == 0
+    assert [r["version"] for r in json.loads(capsys.readouterr().out)] == [v1, v2]
+    assert run_cli(["registry", "show", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == v2
+    assert run_cli(["registry", "rollback", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == v1
+    dest = tmp_path / "cli-pull"
+    assert run_cli(["registry", "pull", *common, "--version", v2, "--dest", str(dest)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == dest and (dest / "model.pt").exists()

