@@ -10,8 +10,8 @@ from prvr.errors import PrvrError
 
 # Modules that contribute subcommands through register_cli(subparsers).
 COMMAND_MODULES = (
-    "prvr.synth", "prvr.text", "prvr.data", "prvr.train", "prvr.evaluate",
-    "prvr.search", "prvr.registry", "prvr.packaging", "prvr.kube",
+    "prvr.demo", "prvr.synth", "prvr.text", "prvr.data", "prvr.train", "prvr.evaluate",
+    "prvr.search", "prvr.registry", "prvr.stages", "prvr.packaging", "prvr.kube",
 )
 
 

@@ -22,10 +22,10 @@ import yaml
 __all__ = [
     "Config", "DataConfig", "SynthConfig", "TextConfig", "ModelConfig", "TrainConfig",
     "EvalConfig", "SearchConfig", "RegistryConfig", "ServeConfig", "ConfigError",
-    "load_config", "DEFAULT_PARAMS",
+    "load_config", "default_params_path",
 ]
 
-DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+REPO_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 VARIANTS = ("ms-sl++", "ms-sl", "mean-pool")
 
 
@@ -257,12 +257,30 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     setattr(sub, key, _coerce(value, hints[key], dotted))
 
 
+def default_params_path() -> Path | None:
+    """./params.yaml when there is one (a DVC project), else the repository's, else none."""
+    for candidate in (Path("params.yaml"), REPO_PARAMS):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read params.yaml (default: the repository's) and apply ``key=value`` overrides."""
-    path = Path(path) if path else DEFAULT_PARAMS
-    if not path.exists():
+    """Read params.yaml (default: ./params.yaml, else the repository's) and apply overrides.
+
+    Without any params file the dataclass defaults (the paper's values) apply."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"params file not found: {path}")
+    path = Path(path) if path is not None else default_params_path()
+    if path is None:
         cfg = Config()
     else:
         with open(path) as f:
-            cfg = Config.from_dict(yaml.safe_load(f) or {})
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+        cfg = Config.from_dict(raw)
     return cfg.override(overrides)

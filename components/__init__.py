@@ -1,0 +1,11 @@
+"""Kubeflow Pipelines v2 components of prvr: thin shells over ``prvr.stages``.
+
+Each component body imports ``prvr`` and calls one stage function; the logic, and
+its tests, live in the package. See components/common.py for the image.
+"""
+from components.evaluate import evaluate
+from components.preprocess import preprocess
+from components.register import register
+from components.train import train
+
+__all__ = ["preprocess", "train", "evaluate", "register"]

@@ -1,0 +1,631 @@
+"""Pipeline stages: one plain function per step, shared by Kubeflow, DVC and the CLI.
+
+Each stage reads folders, writes its outputs into ``out_dir`` and returns a dict.
+The Kubeflow components (``components/*.py``) and the ``prvr stage ...`` commands
+that ``dvc.yaml`` runs are thin shells over these functions, so a step behaves the
+same on a laptop, under ``dvc repro`` and in a cluster.
+
+A *dataset folder* is what :func:`preprocess` writes: ``dataset.json`` (where the
+collection and its text-feature HDF5 are, plus statistics), and for ``synth:``
+sources the collection itself. Every stage that takes a dataset folder also accepts
+a plain collection folder.
+
+Usage::
+
+    cfg = load_config()
+    preprocess("synth:tiny", "runs/dataset", cfg)
+    train_step("runs/dataset", "runs/train", cfg)
+    ev = evaluate_step("runs/dataset", "runs/train", "runs/evaluate", cfg)
+    register_step("runs/train", ev["metrics"], "runs/dataset", cfg, "file://registry", margin=0.0)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import html
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from prvr.config import Config
+from prvr.errors import DataError, PrvrError
+
+__all__ = [
+    "DATASET_JSON", "preprocess", "train_step", "evaluate_step", "register_step", "load_dataset",
+    "parse_source", "stage_config", "pipeline_params", "kfp_metrics", "dataset_metadata", "train_metadata", "format_decision",
+    "report_html", "report_markdown", "register_cli",
+]
+
+DATASET_JSON = "dataset.json"
+RESUME_JSON = "resume.json"          # fingerprint of the config + data a run folder was trained on
+DECISION_JSON = "decision.json"
+SCORES = ("fused", "clip", "frame")
+_FINGERPRINT_SAMPLE = 1 << 20        # bytes of feature.bin hashed at its start, middle and end
+
+
+# ----------------------------------------------------------------------------- helpers
+def stage_config(base: Mapping[str, Any] | None = None, overrides: list[str] | None = None,
+                 params: str | Path | None = None) -> Config:
+    """The config a stage runs with: ``base`` (a ``cfg.to_dict()`` snapshot, as the compiled
+    pipeline carries) or the params file, then ``section.key=value`` overrides in order."""
+    from prvr.config import load_config
+
+    if base:
+        return Config.from_dict(copy.deepcopy(dict(base))).override(list(overrides or []))
+    return load_config(params, list(overrides or []))
+
+
+def pipeline_params(cfg: Config) -> dict[str, Any]:
+    """``cfg.to_dict()`` without null settings (KFP parameters cannot hold null); the typed
+    config's defaults (None for every optional field) fill them back in :func:`stage_config`."""
+    return {section: {k: v for k, v in values.items() if v is not None}
+            for section, values in cfg.to_dict().items()}
+
+
+def _push(job: str, values: Mapping[str, Any], cfg: Config) -> bool:
+    """Run metrics to the Pushgateway named by $PRVR_PUSHGATEWAY (a no-op without it)."""
+    from prvr.monitoring import push_run_metrics
+
+    return push_run_metrics(job, values, labels={"collection": cfg.data.collection,
+                                                 "variant": cfg.model.variant})
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    from prvr.evaluate import write_json_atomic
+
+    return write_json_atomic(path, obj)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in ``folder`` (read-only mounts and permissions both count)."""
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        return False
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".prvr-write-test-"):
+            return True
+    except OSError:
+        return False
+
+
+def parse_source(source: str, cfg: Config) -> tuple[str, str | None, int | None, Path | None]:
+    """``synth:<preset>[:<seed>]`` -> ("synth", preset, seed, None); anything else is a
+    collection folder -> ("path", None, None, path)."""
+    if source.startswith("synth:"):
+        parts = source.split(":")
+        if len(parts) not in (2, 3) or not parts[1]:
+            raise DataError(f"source {source!r}: expected synth:<preset> or synth:<preset>:<seed>")
+        try:
+            seed = int(parts[2]) if len(parts) == 3 else cfg.synth.seed
+        except ValueError:
+            raise DataError(f"source {source!r}: the seed must be an integer") from None
+        return "synth", parts[1], seed, None
+    return "path", None, None, Path(source).expanduser()
+
+
+def _fingerprint(collection: Any) -> str:
+    """md5 over a collection's captions, moments, feature layout and sampled feature bytes:
+    portable (no paths, no mtimes), cheap even for a TVR-sized feature.bin."""
+    h = hashlib.md5(usedforsecurity=False)
+    files = [collection.caption_path(s) for s in collection.available_splits()]
+    folder = collection.feature_folder
+    files += [collection.moments_path, folder / "id.txt", folder / "shape.txt", folder / "video2frames.txt"]
+    for f in files:
+        h.update(f.name.encode())
+        if f.is_file():
+            h.update(f.read_bytes())
+    binary = folder / "feature.bin"
+    size = binary.stat().st_size
+    h.update(str(size).encode())
+    with open(binary, "rb") as fh:
+        for offset in (0, max(0, size // 2 - _FINGERPRINT_SAMPLE // 2), max(0, size - _FINGERPRINT_SAMPLE)):
+            fh.seek(offset)
+            h.update(fh.read(_FINGERPRINT_SAMPLE))
+    if collection.has_text_features:
+        h.update(f"{collection.text_encoder}:{collection.text_feature_path.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- preprocess
+def preprocess(source: str, out_dir: str | Path, cfg: Config, encoder: Any = None,
+               readonly_source: bool = False) -> dict[str, Any]:
+    """Make a dataset folder from ``source``: a collection folder in the public layout, or
+    ``synth:<preset>[:<seed>]`` to generate one into ``out_dir/<data.collection>``.
+
+    Validates it with ``Collection.check()`` and encodes the query text features when
+    the HDF5 is absent: next to the captions, or into ``out_dir`` when the source may
+    not be written (``readonly_source`` or a read-only folder). Writes and returns the
+    ``dataset.json`` record {path, collection, stats, text_feature_file, ...}.
+    """
+    from prvr.data import Collection
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kind, preset, seed, path = parse_source(source, cfg)
+    if kind == "synth":
+        from prvr.synth import synthesize
+
+        path = synthesize(out_dir, cfg.data.collection, preset, seed)
+    assert path is not None
+    coll = Collection(path, cfg.data.video_feature, cfg.data.text_feature_file)
+    encoded = False
+    if not coll.has_text_features:
+        target = coll.text_feature_path
+        if readonly_source or not _writable(target.parent):
+            target = out_dir / target.name
+        if encoder is None:
+            from prvr.text import TextEncoder
+
+            encoder = TextEncoder(cfg.text.encoder, max_tokens=cfg.text.max_tokens)
+        from prvr.text import encode_collection
+
+        encode_collection(path, encoder, target, batch_size=cfg.text.batch_size)
+        # Collection joins TextData / file; an absolute file name replaces the folder.
+        coll = Collection(path, cfg.data.video_feature, str(target.resolve()))
+        encoded = True
+    stats = coll.check()
+    text_file = coll.text_feature_path.resolve()
+    base = out_dir.resolve()
+    record = {
+        "source": source,
+        "collection": coll.name,
+        # Paths relative to the dataset folder (portable when the folder moves with its
+        # data, as DVC checkouts and KFP artifacts do) and absolute (external mounts).
+        "path": os.path.relpath(coll.path.resolve(), base),
+        "text_feature_file": os.path.relpath(text_file, base),
+        "abs_path": str(coll.path.resolve()),
+        "abs_text_feature_file": str(text_file),
+        "video_feature": stats["video_feature"],
+        "text_encoder": stats["text_encoder"],
+        "encoded_text": encoded,
+        "fingerprint": _fingerprint(coll),
+        "stats": stats,
+    }
+    _write_json(out_dir / DATASET_JSON, record)
+    splits = stats["splits"]
+    _push("prvr-preprocess", {"duration_seconds": time.time() - t0,
+                              "videos": sum(s["videos"] for s in splits.values()),
+                              "queries": sum(s["queries"] for s in splits.values())}, cfg)
+    return record
+
+
+def dataset_metadata(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat, JSON-safe summary of a dataset.json record (KFP artifact metadata)."""
+    stats = record["stats"]
+    meta: dict[str, Any] = {k: record.get(k) for k in ("source", "collection", "video_feature", "text_encoder",
+                                                      "fingerprint")}
+    meta.update(video_dim=stats["video_dim"], text_dim=stats["text_dim"])
+    for split, s in stats["splits"].items():
+        meta[f"{split}_videos"], meta[f"{split}_queries"] = s["videos"], s["queries"]
+    return meta
+
+
+def _locate(dataset_dir: Path, record: Mapping[str, Any], key: str) -> Path:
+    rel = dataset_dir / record[key]
+    if rel.exists():
+        return rel.resolve()
+    absolute = Path(record.get(f"abs_{key}") or "")
+    if absolute.exists():
+        return absolute
+    raise DataError(f"{dataset_dir / DATASET_JSON}: {key} {record[key]!r} not found relative to "
+                    f"{dataset_dir} nor at {absolute}")
+
+
+def load_dataset(dataset_dir: str | Path, cfg: Config) -> tuple[Path, Config, dict[str, Any] | None]:
+    """(collection folder, cfg pointing at its features, dataset.json record or None).
+
+    ``dataset_dir`` is a folder written by :func:`preprocess`, or a plain collection
+    folder (then cfg is returned as is). ``cfg`` itself is never modified.
+    """
+    d = Path(dataset_dir)
+    cfg = copy.deepcopy(cfg)
+    record_file = d / DATASET_JSON
+    if not record_file.is_file():
+        if not d.is_dir():
+            raise DataError(f"dataset folder not found: {d}")
+        return d, cfg, None
+    try:
+        record = json.loads(record_file.read_text())
+    except ValueError as exc:
+        raise DataError(f"{record_file} is not valid JSON ({exc})") from None
+    path = _locate(d, record, "path")
+    cfg.data.video_feature = record.get("video_feature") or cfg.data.video_feature
+    cfg.data.text_feature_file = str(_locate(d, record, "text_feature_file"))
+    return path, cfg, record
+
+
+# ----------------------------------------------------------------------------- train
+def _run_fingerprint(cfg: Config, data_path: Path, record: Mapping[str, Any] | None) -> str:
+    """What a run folder's last.pt depends on: every training-relevant setting and the data."""
+    d = cfg.to_dict()
+    relevant = {k: d[k] for k in ("model", "train", "text")}
+    relevant["data"] = record["fingerprint"] if record else _plain_data_id(data_path)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _plain_data_id(path: Path) -> str:
+    from prvr.data import Collection
+
+    return _fingerprint(Collection(path))
+
+
+def _clean_run(out_dir: Path) -> None:
+    for name in ("last.pt", "model.pt", "train_summary.json", RESUME_JSON):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "dvclive", ignore_errors=True)
+
+
+def _prepare_run_dir(out_dir: Path, fingerprint: str, resume: bool) -> None:
+    """Resume only a run of the same config and data whose best checkpoint still exists;
+    otherwise start clean (a stale last.pt would silently continue another experiment)."""
+    marker = out_dir / RESUME_JSON
+    if (out_dir / "last.pt").exists():
+        same = marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+        if not resume or not same or not (out_dir / "model.pt").exists():
+            if resume:
+                print(f"{out_dir}: previous run used other settings or data; starting over",
+                      file=sys.stderr)
+            _clean_run(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(marker, {"fingerprint": fingerprint})
+
+
+def train_step(dataset_dir: str | Path, out_dir: str | Path, cfg: Config, nproc: int = 1,
+               resume: bool = True, keep_last: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Train into ``out_dir`` (model.pt = best epoch, dvclive/, train_summary.json, params.yaml).
+
+    ``nproc > 1`` runs ``torchrun --standalone --nproc-per-node N -m prvr.train`` (one
+    process per GPU; gloo on CPU). ``keep_last=False`` drops the resume state (last.pt)
+    at the end, e.g. for a model artifact.
+    """
+    if nproc < 1:
+        raise PrvrError(f"nproc must be >= 1, got {nproc}")
+    t0 = time.time()
+    data_path, cfg, record = load_dataset(dataset_dir, cfg)
+    out_dir = Path(out_dir)
+    _prepare_run_dir(out_dir, _run_fingerprint(cfg, data_path, record), resume)
+    params_file = out_dir / "params.yaml"
+    params_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "prvr.train", "--data", str(data_path), "--out", str(out_dir),
+               "--params", str(params_file)]
+        if not progress:
+            cmd.append("--no-progress")
+        print("+ torchrun " + " ".join(cmd[3:]), file=sys.stderr)
+        rc = subprocess.run(cmd, check=False).returncode
+        if rc != 0:
+            raise PrvrError(f"distributed training ({nproc} processes) failed with exit status {rc}; "
+                            "see the log above")
+        result = json.loads((out_dir / "train_summary.json").read_text())
+    else:
+        from prvr.train import train
+
+        result = train(cfg, data_path, out_dir, resume=resume, progress=progress)
+    if not (out_dir / "model.pt").is_file():
+        raise PrvrError(f"training finished without a checkpoint at {out_dir / 'model.pt'}")
+    if not keep_last:
+        (out_dir / "last.pt").unlink(missing_ok=True)
+    result.update(model_dir=str(out_dir), checkpoint=str(out_dir / "model.pt"), nproc=nproc,
+                  duration_seconds=round(time.time() - t0, 3), variant=cfg.model.variant)
+    _push("prvr-train", {k: result[k] for k in ("duration_seconds", "epochs", "best_sumr", "best_epoch",
+                                                 "collapse_restarts", "stopped_early")}, cfg)
+    return result
+
+
+def train_metadata(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Scalar summary of a train_step result (KFP Model metadata and Metrics)."""
+    return {k: result[k] for k in ("best_sumr", "best_epoch", "epochs", "stopped_early", "collapse_restarts",
+                                   "duration_seconds", "nproc", "variant") if k in result}
+
+
+# ----------------------------------------------------------------------------- evaluate
+def _checkpoint_of(model_dir: str | Path) -> Path:
+    p = Path(model_dir)
+    return p / "model.pt" if p.is_dir() else p
+
+
+def _img_tag(png: Path, alt: str) -> str:
+    import base64
+
+    data = base64.b64encode(png.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _recall_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for s in SCORES:
+        m = metrics[s]
+        rows.append([s] + [f"{m[k]:.1f}" for k in ("r1", "r5", "r10", "r100", "sumr", "medr", "mnr")])
+    return rows
+
+
+_RECALL_HEAD = ["score", "R@1", "R@5", "R@10", "R@100", "SumR", "MedR", "MnR"]
+
+
+def _mv_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
+    bins = metrics["fused"].get("mv_bins") or {}
+    return [[b, str(v["n"])] + [f"{metrics[s]['mv_bins'][b]['sumr']:.1f}" for s in SCORES]
+            for b, v in bins.items()]
+
+
+def report_markdown(metrics: Mapping[str, Any]) -> str:
+    """Recall table and per-M/V-bin SumR as Markdown (the KFP UI renders it)."""
+    def table(head: list[str], rows: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
+               ["| " + " | ".join(r) + " |" for r in rows]
+
+    lines = [f"# Evaluation: {metrics.get('variant', '')} on {metrics.get('split', '')}", "",
+             f"{metrics.get('num_queries')} queries x {metrics.get('num_videos')} videos, "
+             f"alpha={metrics.get('alpha')}, epoch {metrics.get('epoch')}", ""]
+    lines += table(_RECALL_HEAD, _recall_rows(metrics))
+    mv = _mv_rows(metrics)
+    if mv:
+        lines += ["", "## SumR per moment/video length bin", ""]
+        lines += table(["M/V bin", "queries"] + list(SCORES), mv)
+    return "\n".join(lines) + "\n"
+
+
+def report_html(metrics: Mapping[str, Any], plots: list[Path]) -> str:
+    """A self-contained HTML page: recall table, M/V table and the PNG charts inlined as base64."""
+    def table(head: list[str], rows: list[list[str]]) -> str:
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+    title = f"prvr evaluation: {metrics.get('variant', '')} on {metrics.get('split', '')}"
+    parts = [
+        "<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}img{max-width:100%}</style>",
+        "</head><body>", f"<h1>{html.escape(title)}</h1>",
+        f"<p>{metrics.get('num_queries')} queries x {metrics.get('num_videos')} videos, "
+        f"alpha={metrics.get('alpha')}, checkpoint epoch {metrics.get('epoch')}</p>",
+        "<h2>Recall</h2>", table(_RECALL_HEAD, _recall_rows(metrics)),
+    ]
+    mv = _mv_rows(metrics)
+    if mv:
+        parts += ["<h2>SumR per moment/video length bin</h2>", table(["M/V bin", "queries"] + list(SCORES), mv)]
+    parts += [_img_tag(p, p.stem) for p in plots]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def evaluate_step(dataset_dir: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: Config,
+                  metrics_file: str | Path | None = None, split: str | None = None) -> dict[str, Any]:
+    """Evaluate ``model_dir/model.pt`` on a split; writes metrics.json (or ``metrics_file``),
+    plots/*.png, report.html (charts inlined) and report.md into ``out_dir``."""
+    from prvr.evaluate import evaluate
+    from prvr.plots import plot_evaluation
+
+    t0 = time.time()
+    data_path, cfg, _ = load_dataset(dataset_dir, cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = Path(metrics_file) if metrics_file else out_dir / "metrics.json"
+    metrics = evaluate(cfg, data_path, _checkpoint_of(model_dir), split, out=metrics_file)
+    plots = plot_evaluation(metrics, out_dir / "plots")
+    html_file = out_dir / "report.html"
+    html_file.write_text(report_html(metrics, plots))
+    md_file = out_dir / "report.md"
+    md_file.write_text(report_markdown(metrics))
+    duration = round(time.time() - t0, 3)
+    _push("prvr-evaluate", {"duration_seconds": duration, **kfp_metrics(metrics)}, cfg)
+    return {"metrics": metrics, "metrics_file": str(metrics_file), "plots": [str(p) for p in plots],
+            "html": str(html_file), "markdown": str(md_file), "duration_seconds": duration}
+
+
+def kfp_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Flat scalar metrics ("fused_r1", ..., "frame_sumr") for Metrics.log_metric and Prometheus."""
+    out = {f"{s}_{k}": float(metrics[s][k]) for s in SCORES if s in metrics
+           for k in ("r1", "r5", "r10", "r100", "sumr", "medr", "mnr")}
+    for k in ("num_queries", "num_videos"):
+        if k in metrics:
+            out[k] = float(metrics[k])
+    return out
+
+
+# ----------------------------------------------------------------------------- register
+def _data_version(dataset_dir: Path, record: Mapping[str, Any] | None) -> str | None:
+    """md5 identifying the data: the dataset.json fingerprint, else the md5 of ./dvc.lock."""
+    if record and record.get("fingerprint"):
+        return f"md5:{record['fingerprint']}"
+    lock = Path("dvc.lock")
+    if lock.is_file():
+        return f"dvc.lock-md5:{hashlib.md5(lock.read_bytes(), usedforsecurity=False).hexdigest()}"
+    return None
+
+
+def _build_index(checkpoint: Path, data_path: Path, cfg: Config, out_dir: Path) -> tuple[Path | None, str]:
+    """The test-split video index for serving, when prvr.search is installed."""
+    # HOOK(search): prvr.search.build_index is written in parallel; until it exists the
+    # registry version carries no index and the decision says so.
+    try:
+        from prvr.search import build_index
+    except ImportError as exc:
+        return None, f"index skipped: prvr.search.build_index unavailable ({exc})"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    path = build_index(checkpoint, data_path, cfg.eval.split, out_dir, cfg)
+    return Path(path), f"index of the {cfg.eval.split} split built with the {cfg.search.backend} backend"
+
+
+def _trained_config(checkpoint: Path, cfg: Config) -> dict[str, Any]:
+    """The settings the model was trained with (the checkpoint's config), else ``cfg``'s."""
+    import torch
+
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for unreadable files
+        raise PrvrError(f"{checkpoint} is not a readable prvr checkpoint ({exc})") from None
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    return config if isinstance(config, dict) else cfg.to_dict()
+
+
+def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path, dataset_dir: str | Path,
+                  cfg: Config, registry_uri: str | None = None, margin: float | None = None,
+                  endpoint_url: str | None = None, out_dir: str | Path | None = None,
+                  build_index: bool = True) -> dict[str, Any]:
+    """The promotion gate: build the video index, then register the model, index and metrics
+    and promote them only if test SumR beats production by more than ``margin``. The
+    version's params are the settings stored in the checkpoint (what it was trained with).
+
+    ``metrics`` is the evaluate dict or its JSON file. Writes ``decision.json`` into
+    ``out_dir`` (default: ``<model_dir>/../register``) and returns the decision
+    (promoted, version, reason, candidate, production, ...).
+    """
+    from prvr.registry import Registry
+
+    t0 = time.time()
+    data_path, cfg, record = load_dataset(dataset_dir, cfg)
+    checkpoint = _checkpoint_of(model_dir)
+    if not checkpoint.is_file():
+        raise PrvrError(f"checkpoint not found: {checkpoint}")
+    out_dir = Path(out_dir) if out_dir else checkpoint.parent.parent / "register"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(metrics, (str, Path)):
+        metrics_file = Path(metrics)
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise PrvrError(f"cannot read the metrics JSON {metrics_file}: {exc}") from None
+    else:
+        metrics_file = _write_json(out_dir / "metrics.json", dict(metrics))
+    files: dict[str, Path] = {"model.pt": checkpoint, "metrics.json": metrics_file}
+    index_dir, index_note = (None, "index skipped: disabled")
+    if build_index:
+        index_dir, index_note = _build_index(checkpoint, data_path, cfg, out_dir / "index")
+    if index_dir is not None:
+        files["index"] = index_dir
+    uri = registry_uri or cfg.registry.uri
+    margin = cfg.registry.promotion_margin if margin is None else float(margin)
+    registry = Registry(uri, endpoint_url=endpoint_url or cfg.registry.endpoint_url)
+    data_version = _data_version(Path(dataset_dir), record)
+    decision = registry.register_if_better(cfg.registry.model_name, files, metrics,
+                                           params=_trained_config(checkpoint, cfg),
+                                           margin=margin, data_version=data_version)
+    decision.update(model_name=cfg.registry.model_name, registry_uri=uri, margin=margin,
+                    data_version=data_version, index=index_dir is not None, index_note=index_note,
+                    duration_seconds=round(time.time() - t0, 3))
+    _write_json(out_dir / DECISION_JSON, decision)
+    _push("prvr-register", {"duration_seconds": decision["duration_seconds"],
+                            "promoted": decision["promoted"], "candidate_sumr": decision["candidate"]}, cfg)
+    return decision
+
+
+def format_decision(decision: Mapping[str, Any]) -> str:
+    """One paragraph for terminals: what the promotion gate decided and why."""
+    head = (f"registry {decision.get('registry_uri')} model {decision.get('model_name')}: "
+            + (f"promoted {decision['version']}" if decision.get("promoted")
+               else f"registered {decision['version']}, not promoted" if decision.get("version")
+               else "not registered"))
+    return "\n".join([head, f"reason: {decision.get('reason')}",
+                      f"data version: {decision.get('data_version')}; {decision.get('index_note')}"])
+
+
+# ----------------------------------------------------------------------------- CLI
+def _cfg(args: argparse.Namespace) -> Config:
+    from prvr.cli import config_from_args
+
+    return config_from_args(args)
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from prvr.data import format_stats
+
+    cfg = _cfg(args)
+    source = args.source or f"synth:{cfg.synth.preset}:{cfg.synth.seed}"
+    record = preprocess(source, args.out, cfg, readonly_source=args.readonly_source)
+    print(format_stats(record["stats"]))
+    print(f"wrote {Path(args.out) / DATASET_JSON}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    result = train_step(args.dataset, args.out, _cfg(args), nproc=args.nproc, resume=not args.no_resume,
+                        progress=not args.no_progress)
+    print(f"best val SumR {result['best_sumr']:.1f} at epoch {result['best_epoch']} "
+          f"({result['epochs']} epochs, {result['duration_seconds']:.0f} s) -> {result['checkpoint']}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from prvr.evaluate import format_table
+
+    result = evaluate_step(args.dataset, args.model, args.out, _cfg(args), args.metrics, args.split)
+    m = result["metrics"]
+    print(f"{m['split']}: {m['num_queries']} queries x {m['num_videos']} videos ({m['variant']})")
+    print(format_table(m))
+    print(f"report: {result['html']}")
+    return 0
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)
+    decision = register_step(args.model, args.metrics, args.dataset, cfg, args.uri, args.margin,
+                             args.endpoint_url, args.out, build_index=not args.no_index)
+    print(format_decision(decision))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """`prvr stage preprocess|train|evaluate|register`: the pipeline steps, as dvc.yaml runs them."""
+    from prvr.cli import add_config_args
+
+    parser = subparsers.add_parser(
+        "stage", help="run one pipeline step (the same functions the Kubeflow components call)",
+        description="The pipeline's steps: preprocess -> train -> evaluate -> register. dvc.yaml runs "
+                    "these; the Kubeflow components call the same functions.")
+    sub = parser.add_subparsers(dest="stage_command", metavar="STEP")
+    sub.required = True
+
+    p = sub.add_parser("preprocess", help="validate a collection (or synthesize one), encode its text, "
+                                          "write dataset.json")
+    p.add_argument("--source", default=None,
+                   help="collection folder, or synth:<preset>[:<seed>] (default: synth:<synth.preset>:<synth.seed>)")
+    p.add_argument("--out", required=True, help="dataset folder to write (dataset.json, text features)")
+    p.add_argument("--readonly-source", action="store_true",
+                   help="never write into the source: put the text-feature HDF5 into --out")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_preprocess)
+
+    p = sub.add_parser("train", help="train a model into a run folder")
+    p.add_argument("--dataset", required=True, help="dataset folder (dataset.json) or collection folder")
+    p.add_argument("--out", required=True, help="run folder: model.pt, last.pt, dvclive/, train_summary.json")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (GPUs) for data-parallel training through torchrun (default 1)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics JSON, plots and an HTML/Markdown report of a model")
+    p.add_argument("--dataset", required=True, help="dataset folder (dataset.json) or collection folder")
+    p.add_argument("--model", required=True, help="run folder holding model.pt (or the .pt file)")
+    p.add_argument("--out", required=True, help="folder for metrics.json, plots/, report.html, report.md")
+    p.add_argument("--metrics", default=None, help="write the metrics JSON here instead of OUT/metrics.json")
+    p.add_argument("--split", default=None, help="train | val | test (default: eval.split)")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("register", help="promotion gate: register the model (+ index) if it beats production")
+    p.add_argument("--model", required=True, help="run folder holding model.pt (or the .pt file)")
+    p.add_argument("--metrics", required=True, help="metrics JSON written by `prvr stage evaluate`")
+    p.add_argument("--dataset", required=True, help="dataset folder (dataset.json) or collection folder")
+    p.add_argument("--out", default=None, help="folder for decision.json and the index "
+                                               "(default: <model folder>/../register)")
+    p.add_argument("--uri", default=None, help="registry file://PATH or s3://BUCKET/PREFIX (default: registry.uri)")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: registry.endpoint_url)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="SumR the candidate must beat production by (default: registry.promotion_margin)")
+    p.add_argument("--no-index", action="store_true", help="register without building the search index")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_register)
