@@ -1,0 +1,196 @@
+"""Serving benchmark: REST latency / throughput through a real TorchServe, and the
+in-process split of one query into text encoding, query encoding and scoring.
+
+The corpus has the TVR test size (2,179 videos, K=32 clips, H=384) with random
+normalised embeddings: serving cost depends on the sizes, not on the values. The
+model is a real MS-SL++ checkpoint (``--checkpoint``; default a randomly initialised
+one with MiniLM text dims), and queries go through the real MiniLM text encoder.
+
+    python benchmarks/serve_bench.py --out runs/serve_bench.json [--videos 2179] [--requests 200]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+QUERIES = ["a man opens the fridge", "a woman walks into the kitchen and sits down",
+           "two people argue in the hallway", "someone picks up the phone and answers it",
+           "a dog runs across the park", "the doctor looks at the x-ray",
+           "he puts the cup on the table and leaves", "a girl laughs at the joke"]
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+def make_checkpoint(path: Path, text_dim: int, encoder_name: str, video_dim: int = 1024) -> Path:
+    from prvr.config import Config
+    from prvr.model import PRVRModel
+
+    cfg = Config()
+    cfg.model.video_dim, cfg.model.text_dim = video_dim, text_dim
+    torch.manual_seed(0)
+    torch.save({"state_dict": PRVRModel(cfg.model).state_dict(), "config": cfg.to_dict(), "epoch": 0,
+                "metrics": {}, "text_encoder": encoder_name}, path)
+    return path
+
+
+def make_index(checkpoint: Path, out: Path, videos: int, version: str) -> Path:
+    from prvr.evaluate import load_model
+    from prvr.model import VideoEmbeddings
+    from prvr.registry import sha256_file
+    from prvr.search import build_index_from_embeddings
+
+    _, cfg, ckpt = load_model(checkpoint)
+    K, H, U = cfg.model.cluster_num, cfg.model.hidden_size, cfg.model.map_size
+    g = torch.Generator().manual_seed(1)
+    clips = torch.randn(videos, K, H, generator=g)
+    attended = torch.randn(videos, K, H, generator=g)
+    start = torch.randint(0, U, (videos, K, 1), generator=g)
+    spans = torch.cat([start, (start + 1 + torch.randint(0, 4, (videos, K, 1), generator=g)).clamp_max(U)], -1)
+    frames = torch.randint(64, 400, (videos,), generator=g)
+    return build_index_from_embeddings(VideoEmbeddings(clips, spans, attended), frames.numpy(),
+                                       [f"video{i:05d}" for i in range(videos)], out, model_version=version,
+                                       map_size=U, alpha=cfg.model.alpha, checkpoint_sha256=sha256_file(checkpoint),
+                                       text_encoder=ckpt["text_encoder"])
+
+
+def in_process(retriever, n: int) -> dict:
+    """Per single query: text encoding (MiniLM), query encoding (MS-SL++), scoring (search engine)."""
+    from prvr.dataset import collate_queries
+
+    wall = {k: [] for k in ("text", "query", "score", "total")}
+    cpu = {k: [] for k in ("text", "query", "score", "total")}
+    clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731 - (wall, CPU of all threads)
+    for i in range(n + 5):
+        q = QUERIES[i % len(QUERIES)] + f" {i}"
+        t0 = clock()
+        feats = retriever.encoder.encode([q])
+        t1 = clock()
+        with torch.inference_mode():
+            vec = retriever.model.encode_queries(*collate_queries(feats, retriever.cfg.model.max_desc_len))
+        t2 = clock()
+        retriever.engine.search(vec, top_k=10, alpha=retriever.default_alpha)
+        t3 = clock()
+        if i >= 5:  # warm-up
+            for k, a, b in (("text", t0, t1), ("query", t1, t2), ("score", t2, t3), ("total", t0, t3)):
+                wall[k].append(b[0] - a[0])
+                cpu[k].append(b[1] - a[1])
+    batch = torch.nn.functional.normalize(torch.randn(64, retriever.cfg.model.hidden_size), dim=-1)
+    retriever.engine.search(batch, top_k=10, alpha=0.7)
+    t = time.perf_counter()
+    for _ in range(5):
+        retriever.engine.search(batch, top_k=10, alpha=0.7)
+    batched = (time.perf_counter() - t) / (5 * len(batch))
+    ms = lambda xs: {"p50": 1e3 * statistics.median(xs), "p99": 1e3 * pct(xs, 99)}  # noqa: E731
+    return {"text_encoding_ms": ms(wall["text"]), "query_encoding_ms": ms(wall["query"]),
+            "scoring_ms": ms(wall["score"]), "total_ms": ms(wall["total"]),
+            "cpu_ms": {k: ms(v) for k, v in cpu.items()},
+            "scoring_batched_64_ms_per_query": 1e3 * batched, "queries": n}
+
+
+def rest(ts, n: int, clients: int, per_client: int) -> dict:
+    import requests
+
+    lat = []
+    with requests.Session() as s:
+        for i in range(n + 5):
+            t = time.perf_counter()
+            r = ts.infer({"query": QUERIES[i % len(QUERIES)] + f" {i}", "top_k": 10}, session=s)
+            if i >= 5:
+                lat.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.text
+
+    def client(c: int) -> list[int]:
+        with requests.Session() as s:
+            return [ts.infer({"query": QUERIES[j % len(QUERIES)] + f" {c}", "top_k": 10}, session=s).status_code
+                    for j in range(per_client)]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        codes = [c for cs in pool.map(client, range(clients)) for c in cs]
+    elapsed = time.perf_counter() - t0
+    return {"sequential": {"requests": n, "p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * pct(lat, 99),
+                           "mean_ms": 1e3 * statistics.mean(lat)},
+            "concurrent": {"clients": clients, "requests": len(codes), "errors": sum(c != 200 for c in codes),
+                           "seconds": elapsed, "throughput_rps": len(codes) / elapsed}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="MS-SL++ checkpoint (default: random init, MiniLM dims)")
+    p.add_argument("--videos", type=int, default=2179, help="corpus size (default: TVR test, 2179)")
+    p.add_argument("--requests", type=int, default=200, help="sequential REST requests / in-process queries")
+    p.add_argument("--clients", type=int, default=4, help="concurrent REST clients")
+    p.add_argument("--per-client", type=int, default=50, help="requests per concurrent client")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in-process (default 1, as in the TorchServe worker: PRVR_TORCH_THREADS)")
+    p.add_argument("--no-rest", action="store_true", help="skip TorchServe (in-process numbers only)")
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from prvr.config import load_config
+    from prvr.packaging import TorchServe, build_archive
+    from prvr.serving import Retriever
+    from prvr.text import TextEncoder
+
+    encoder = TextEncoder("minilm")
+    with tempfile.TemporaryDirectory(prefix="prvr-serve-bench-") as tmp:
+        tmp = Path(tmp)
+        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(tmp / "model.pt", encoder.dim, encoder.name)
+        index = make_index(ckpt, tmp / "index", args.videos, "bench")
+        retriever = Retriever.load(ckpt, index, "bench", encoder=encoder)
+        result = {"videos": args.videos, "torch_threads": torch.get_num_threads(),
+                  "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                  "cpus": len(__import__("os").sched_getaffinity(0)),
+                  "load_avg_at_start": list(__import__("os").getloadavg()),
+                  "in_process": in_process(retriever, args.requests)}
+        del retriever
+        if not args.no_rest:
+            cfg = load_config(None)
+            mar = build_archive(ckpt, index, tmp / "store", "bench", cfg=cfg)
+            with TorchServe(tmp / "ts", tmp / "store", {"prvr": mar.name}, free_ports=True) as ts:
+                result["rest"] = rest(ts, args.requests, args.clients, args.per_client)
+                result["rest"]["batch_size"], result["rest"]["max_batch_delay_ms"] = \
+                    cfg.serve.batch_size, cfg.serve.max_batch_delay_ms
+        result["load_avg_at_end"] = list(__import__("os").getloadavg())
+
+    ip = result["in_process"]
+    rows = [("in-process text encoding (MiniLM)", ip["text_encoding_ms"]),
+            ("in-process query encoding (MS-SL++)", ip["query_encoding_ms"]),
+            ("in-process scoring, 1 query", ip["scoring_ms"]),
+            ("in-process total, 1 query", ip["total_ms"]),
+            ("  CPU time: text encoding", ip["cpu_ms"]["text"]),
+            ("  CPU time: query encoding", ip["cpu_ms"]["query"]),
+            ("  CPU time: scoring", ip["cpu_ms"]["score"]),
+            ("  CPU time: total (all threads)", ip["cpu_ms"]["total"])]
+    print(f"corpus {args.videos} videos x 32 clips x 384; torch threads {result['torch_threads']}; "
+          f"load avg {result['load_avg_at_start'][0]:.1f} -> {result['load_avg_at_end'][0]:.1f}")
+    print(f"{'':44}{'p50 ms':>10}{'p99 ms':>10}")
+    for name, v in rows:
+        print(f"{name:44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
+    print(f"{'in-process scoring, batch of 64 (per query)':44}{ip['scoring_batched_64_ms_per_query']:>10.2f}")
+    if "rest" in result:
+        s, c = result["rest"]["sequential"], result["rest"]["concurrent"]
+        print(f"{'REST single text query, end to end':44}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}")
+        print(f"REST throughput: {c['throughput_rps']:.1f} req/s with {c['clients']} clients "
+              f"({c['requests']} requests, {c['errors']} errors)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
