@@ -1,0 +1,251 @@
+"""Search benchmark: exact and ANN engines vs a re-implementation of the original evaluation.
+
+Corpora are random unit vectors (K=32 clips and K attended vectors of H=384 per
+video); queries are noisy copies of a random video's clip (cosine ~0.45 with it),
+so each query has one clearly relevant video and the rest is noise (a hard case for
+ANN: no cluster structure). Prints a table; `--out FILE` writes JSON.
+
+    PYTHONPATH=. python benchmarks/search_bench.py --quick
+    PYTHONPATH=. python benchmarks/search_bench.py --sizes 2179,10000,100000 --out bench.json
+    PYTHONPATH=. python benchmarks/search_bench.py --sizes 1000000 --workdir /tmp/bench1m
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prvr.config import SearchConfig
+from prvr.search.ann import FaissSearch, ann_params, train_and_add
+from prvr.search.exact import ExactSearch
+from prvr.search.index import VideoIndex
+
+K, H, T = 32, 384, 128
+
+
+def rss_gib() -> float:
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss / 2 ** 30
+    except ImportError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts) * 1e3)
+
+
+def random_unit(n: int, gen: torch.Generator, dtype=np.float32) -> np.ndarray:
+    return F.normalize(torch.randn(n, K, H, generator=gen), dim=-1).numpy().astype(dtype, copy=False)
+
+
+def make_corpus(N: int, seed: int, dtype: str, workdir: Path | None, chunk: int = 20000) -> VideoIndex:
+    """Random corpus; written in chunks straight into .npy memmaps when `workdir` is given."""
+    gen = torch.Generator().manual_seed(seed)
+    dt = np.float16 if dtype == "float16" else np.float32
+    if workdir is None:
+        return VideoIndex.from_arrays(random_unit(N, gen, dt), random_unit(N, gen, dt))
+    workdir.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for name in ("clips", "attended"):
+        f = workdir / f"{name}_{N}.npy"
+        if not f.exists():
+            mm = np.lib.format.open_memmap(f, "w+", dt, (N, K, H))
+            for s in range(0, N, chunk):
+                mm[s:s + chunk] = random_unit(min(chunk, N - s), gen, dt)
+            mm.flush()
+            del mm
+        arrays[name] = np.load(f, mmap_mode="r")
+    return VideoIndex.from_arrays(arrays["clips"], arrays["attended"])
+
+
+def make_queries(index: VideoIndex, Q: int, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    vids, clips = rng.integers(0, index.count, Q), rng.integers(0, K, Q)
+    base = torch.from_numpy(np.asarray(index.clips[vids, clips], np.float32))
+    noise = F.normalize(torch.from_numpy(rng.standard_normal((Q, H)).astype(np.float32)), dim=-1)
+    return F.normalize(base + 2.0 * noise, dim=-1)
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
+    return float(np.mean([len(set(x[:k].tolist()) & set(y[:k].tolist())) / k for x, y in zip(a, b)]))
+
+
+# --------------------------------------------------------------------------- #
+# The original evaluation path (MS-SL/MS-SL++ release), re-implemented
+# --------------------------------------------------------------------------- #
+class OriginalPath:
+    """528 fp32 span embeddings per video, max over them per query, then key-clip guided
+    attention computed per (query, video) pair over the video's T frames (W_k, W_v 384x384;
+    projections of the frames are done once, which favours the original)."""
+
+    def __init__(self, N: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.clips = torch.empty(N, 528, H)
+        self.frames = torch.empty(N, T, H)
+        for s in range(0, N, 256):
+            e = min(N, s + 256)
+            self.clips[s:e] = F.normalize(torch.randn(e - s, 528, H, generator=g), dim=-1)
+            self.frames[s:e] = torch.randn(e - s, T, H, generator=g)
+        w_k, w_v = torch.randn(H, H, generator=g) * 0.02, torch.randn(H, H, generator=g) * 0.02
+        self.keys = self.frames @ w_k                                           # (N, T, H)
+        self.values = self.frames @ w_v
+        self.mask = torch.ones(N, T, dtype=torch.bool)
+
+    @torch.no_grad()
+    def scores(self, q: torch.Tensor, alpha: float = 0.7, chunk: int = 128) -> torch.Tensor:
+        q = F.normalize(q, dim=-1)
+        out = []
+        for s in range(0, self.clips.shape[0], chunk):
+            c = self.clips[s:s + chunk]                                        # (v, 528, H)
+            sims = torch.matmul(c, q.T)                                        # (v, 528, Q)
+            clip_score, key_idx = sims.max(1)                                  # (v, Q)
+            key = c.gather(1, key_idx[..., None].expand(-1, -1, H))            # (v, Q, H) key clips
+            logits = torch.bmm(key, self.keys[s:s + chunk].transpose(1, 2))    # (v, Q, T) per pair
+            logits = logits.masked_fill(~self.mask[s:s + chunk, None, :], float("-inf"))
+            att = torch.bmm(logits.softmax(-1), self.values[s:s + chunk])      # (v, Q, H)
+            frame_score = (F.normalize(att, dim=-1) * q[None]).sum(-1)         # (v, Q)
+            out.append((alpha * clip_score + (1 - alpha) * frame_score).T)
+        return torch.cat(out, 1)                                               # (Q, N)
+
+
+# --------------------------------------------------------------------------- #
+def bench_size(N: int, args: argparse.Namespace) -> dict:
+    row: dict = {"videos": N, "K": K, "H": H, "threads": torch.get_num_threads(),
+                 "bytes_per_video_fp32": 2 * K * H * 4 + K * 2 * 4 + 4,
+                 "bytes_per_video_fp16": 2 * K * H * 2 + K * 2 * 4 + 4}
+    big = N > args.exact_max
+    dtype = "float16" if (big or N >= 100_000) else "float32"
+    t0 = time.perf_counter()
+    index = make_corpus(N, args.seed, dtype, Path(args.workdir) if big else None)
+    row.update(dtype=dtype, corpus_seconds=round(time.perf_counter() - t0, 2))
+    Q = args.queries
+    q = make_queries(index, Q, args.seed + 1)
+    n1 = args.batch1
+    # exact
+    if not big:
+        t0 = time.perf_counter()
+        exact = ExactSearch(index, precision=args.precision)
+        row["exact_init_s"] = round(time.perf_counter() - t0, 2)
+        row["exact_precision"] = exact.precision
+        gt = exact.search(q, 100)
+        row["exact_ms_b50"] = median_ms(lambda: exact.search(q, 10), args.reps) / Q
+        row["exact_ms_b1"] = float(np.median([median_ms(lambda i=i: exact.search(q[i:i + 1], 10), 1)
+                                              for i in range(n1)]))
+        row["exact_qps_b50"] = 1000 / row["exact_ms_b50"]
+        row["exact_fallbacks"] = f"{exact.stats['fallbacks']}/{exact.stats['queries']}"
+        del exact
+    else:
+        nq = min(Q, args.gt_queries)
+        exact = ExactSearch(index, precision="fp32", video_chunk=8192)
+        t0 = time.perf_counter()
+        gt = exact.search(q[:nq], 100)
+        row["exact_ms_b%d_fp32_stream" % nq] = (time.perf_counter() - t0) * 1e3 / nq
+    row["rss_gib_after_exact"] = round(rss_gib(), 2)
+    # original path
+    if N <= args.original_max:
+        orig = OriginalPath(N, args.seed)
+        nq = args.original_queries
+        ms = median_ms(lambda: orig.scores(q[:nq]), 1) / nq
+        ref = orig.scores(q[:nq])
+        row["original_ms_per_query"] = ms
+        row["original_batch"] = nq
+        row["speedup_vs_original"] = ms / row["exact_ms_b50"]
+        row["original_fp32_clip_bytes_per_video"] = 528 * H * 4
+        del orig, ref
+    # ANN
+    for kind in args.ann.split(","):
+        if kind == "hnsw" and N > args.hnsw_max:
+            row[f"{kind}_skipped"] = f"N > --hnsw-max {args.hnsw_max} (build too slow on 2 cores)"
+            continue
+        cfg = SearchConfig(backend="faiss", index_type=kind, nlist=args.nlist, nprobe=args.nprobe,
+                           ef_search=args.ef_search, candidates=args.candidates, pq_m=args.pq_m)
+        if kind == "ivf" and big:
+            continue
+        t0 = time.perf_counter()
+        fi = train_and_add(index.clips, ann_params(cfg, N * K))
+        row[f"{kind}_build_s"] = round(time.perf_counter() - t0, 2)
+        eng = FaissSearch(index, cfg, faiss_index=fi)
+        nq = len(gt.video_idx)
+        res = eng.search(q[:nq], 100, candidates=max(100, args.candidates))
+        res10 = eng.search(q[:nq], 10)
+        row[f"{kind}_overlap10"] = overlap(res10.video_idx, gt.video_idx, 10)
+        row[f"{kind}_overlap100"] = overlap(res.video_idx, gt.video_idx, 100)
+        row[f"{kind}_ms_b50"] = median_ms(lambda: eng.search(q, 10), args.reps) / Q
+        row[f"{kind}_ms_b1"] = float(np.median([median_ms(lambda i=i: eng.search(q[i:i + 1], 10), 1)
+                                                for i in range(n1)]))
+        row[f"{kind}_rss_gib"] = round(rss_gib(), 2)
+        del eng, fi
+    row["load_avg"] = os.getloadavg()[0]
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = sorted({k for r in rows for k in r if k not in ("videos",)})
+    print(f"{'metric':<36}" + "".join(f"{r['videos']:>14,}" for r in rows))
+    for k in keys:
+        vals = []
+        for r in rows:
+            v = r.get(k, "")
+            vals.append(f"{v:>14.3f}" if isinstance(v, float) else f"{str(v)[:13]:>14}")
+        print(f"{k:<36}" + "".join(vals))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="2179,10000,100000", help="corpus sizes (videos), comma-separated")
+    p.add_argument("--quick", action="store_true", help="sizes 2179,10000, fewer queries and reps")
+    p.add_argument("--queries", type=int, default=50, help="query batch size (batch-50 timing)")
+    p.add_argument("--batch1", type=int, default=10, help="queries timed one at a time")
+    p.add_argument("--reps", type=int, default=5, help="repetitions of the batch timing (median)")
+    p.add_argument("--ann", default="hnsw,ivf,ivfpq", help="faiss index types to build")
+    p.add_argument("--nlist", type=int, default=1024)
+    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--ef-search", type=int, default=128)
+    p.add_argument("--pq-m", type=int, default=48)
+    p.add_argument("--candidates", type=int, default=200, help="videos re-ranked exactly after ANN")
+    p.add_argument("--hnsw-max", type=int, default=10000, help="skip HNSW above this size")
+    p.add_argument("--exact-max", type=int, default=200000,
+                   help="above: memmapped corpus in --workdir, exact ground truth fp32 on --gt-queries")
+    p.add_argument("--gt-queries", type=int, default=5)
+    p.add_argument("--original-max", type=int, default=2179, help="run the original path up to this size")
+    p.add_argument("--original-queries", type=int, default=20)
+    p.add_argument("--precision", default="auto", help="ExactSearch precision: auto | bf16 | fp32")
+    p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: all)")
+    p.add_argument("--workdir", default="/tmp/prvr_search_bench")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.queries, args.reps, args.batch1 = "2179,10000", 50, 3, 5
+        args.original_queries = 10
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        import faiss
+        faiss.omp_set_num_threads(args.threads)
+    rows = []
+    for N in (int(s) for s in args.sizes.split(",")):
+        rows.append(bench_size(N, args))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print_table(rows)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
