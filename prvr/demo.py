@@ -22,7 +22,8 @@ from typing import Any
 from prvr.config import Config
 from prvr.errors import PrvrError
 
-__all__ = ["run_pipeline", "run_stages", "print_summary", "register_cli", "DEMO_EPOCHS"]
+__all__ = ["run_pipeline", "run_stages", "print_summary", "serve_and_query", "register_cli",
+           "DEMO_EPOCHS"]
 
 # Measured on the small preset, 2 CPU cores shared with other jobs (load 8-9): preprocess
 # (synth + encoding 5013 queries) 2.7 min, one MS-SL++ epoch ~3 min, evaluate 0.8 min,
@@ -112,6 +113,49 @@ def print_summary(result: dict[str, Any], seconds: float) -> None:
     print(f"\nreport: {result['report']}\nrun: {result['run_dir']}  ({seconds:.0f} s)")
 
 
+def serve_and_query(cfg: Config, result: dict[str, Any], registry_uri: str,
+                    workdir: str | Path = "runs/demo-serve", queries: int = 2) -> list[dict[str, Any]]:
+    """Package the production model, start TorchServe on free loopback ports, ask typed queries.
+
+    The queries are test captions of the demo collection, so the answer can be checked
+    against the video they were written for. The server is stopped before returning."""
+    from prvr.data import Collection
+    from prvr.packaging import TorchServe, build_archive
+    from prvr.registry import Registry
+
+    reg = Registry(_file_uri(registry_uri), endpoint_url=cfg.registry.endpoint_url)
+    name = cfg.registry.model_name
+    version = reg.production(name)
+    if version is None:
+        raise PrvrError(f"registry {registry_uri} has no production version of {name} to serve")
+    work = Path(workdir).resolve()
+    pulled = reg.pull(name, version, work / "pulled" / version)
+    mar = build_archive(pulled / "model.pt", pulled / "index", work / "model_store", version, "prvr", cfg)
+    coll = Collection(result["dataset"]["abs_path"])
+    captions = coll.captions("test")[:queries]
+    answers = []
+    with TorchServe(work, work / "model_store", {"prvr": mar.name}, free_ports=True) as server:
+        for cap in captions:
+            r = server.infer({"query": cap.text, "top_k": 3})
+            r.raise_for_status()
+            answers.append({"query": cap.text, "true_video": cap.video_id, "answer": r.json()})
+    return answers
+
+
+def print_answers(answers: list[dict[str, Any]]) -> None:
+    print("\n== served by TorchServe (REST, token auth) ==")
+    for a in answers:
+        body = a["answer"]
+        print(f"query: {a['query']!r}  (written for {a['true_video']}; model {body.get('model_version')}, "
+              f"{body.get('corpus_size')} videos)")
+        results = body["results"][0]["videos"]
+        for rank, v in enumerate(results, 1):
+            m = v["moment"]
+            mark = "  <- true video" if v["video_id"] == a["true_video"] else ""
+            print(f"  {rank}. {v['video_id']:<28} score {v['score']:.3f} (clip {v['clip_score']:.3f}, "
+                  f"frame {v['frame_score']:.3f}) moment {m['start']}-{m['end']} {m['unit']}{mark}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from prvr.cli import config_from_args
 
@@ -123,6 +167,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         result = run_pipeline(cfg, args.preset, args.epochs, args.out or "runs/kfp", args.registry,
                               args.overrides)
     print_summary(result, time.time() - t0)
+    if not args.no_serve:
+        print_answers(serve_and_query(cfg, result, args.registry))
     return 0
 
 
@@ -139,6 +185,8 @@ def register_cli(subparsers: Any) -> None:
                    help=f"training epochs (default: {DEMO_EPOCHS}, a few minutes on 2 CPU cores)")
     p.add_argument("--no-pipeline", action="store_true",
                    help="call the stage functions directly instead of running the Kubeflow pipeline")
+    p.add_argument("--no-serve", action="store_true",
+                   help="skip the last step (package the production model, query it through TorchServe)")
     p.add_argument("--out", default=None,
                    help="pipeline root (default: runs/kfp) or, with --no-pipeline, run folder (runs/demo)")
     p.add_argument("--registry", default="file://registry",

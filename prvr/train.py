@@ -182,7 +182,21 @@ def _splits(collection: Collection, seed: int) -> tuple[list[str], list[str], li
 
 def train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool = True,
           progress: bool = True) -> dict[str, Any]:
-    """Train one model; returns the best validation metrics and where the checkpoint is."""
+    """Train one model; returns the best validation metrics and where the checkpoint is.
+
+    Deterministic algorithms are switched on for the run (restored after): with several
+    CPU threads, the accumulating index/scatter backward passes otherwise differ in the
+    last bits from run to run."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(cfg, data_path, out_dir, resume, progress)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool,
+           progress: bool) -> dict[str, Any]:
     out_dir = Path(out_dir)
     device = resolve_device(cfg.train.device)
     rank, world = _init_distributed(device)

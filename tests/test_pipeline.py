@@ -137,4 +137,7 @@ def test_demo_without_pipeline_prints_data_metrics_and_decision(tmp_path: Path, 
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "== data ==" in out and "fused" in out and "promoted v0001" in out
+    # the last step: the production model packaged, served by TorchServe, asked over REST
+    served = out.split("== served by TorchServe (REST, token auth) ==")[1]
+    assert served.count("query: ") == 2 and " 1. " in served and "moment" in served
     assert (tmp_path / "registry" / "models" / "prvr-mssl-pp" / "production.json").is_file()
