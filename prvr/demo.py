@@ -25,12 +25,11 @@ from prvr.errors import PrvrError
 __all__ = ["run_pipeline", "run_stages", "print_summary", "serve_and_query", "register_cli",
            "DEMO_EPOCHS"]
 
-# Measured on the small preset, 2 CPU cores shared with other jobs (load 8-9): preprocess
-# (synth + encoding 5013 queries) 2.7 min, one MS-SL++ epoch ~3 min, evaluate 0.8 min,
-# register (index build) 1 min; 2 epochs took 10.5 min end to end. One epoch keeps the demo
-# near 7 min there (a few minutes on an idle machine) and val SumR (~106) already far above
-# chance (~38); pass --epochs for a better model.
-DEMO_EPOCHS = 1
+# Measured on the small preset, 2 idle CPU cores: preprocess (synth + encoding 5013 queries)
+# ~40 s, one MS-SL++ epoch ~25 s (42 videos/s) with validation, evaluate + register + serve
+# ~40 s; 5 epochs took 2.6 min end to end (test SumR 199). Ten epochs keep the demo near
+# five minutes with a clearly trained model; pass --epochs to change it.
+DEMO_EPOCHS = 10
 PIPELINE_FILE = Path(__file__).resolve().parent.parent / "pipelines" / "prvr.py"
 
 
