@@ -80,7 +80,7 @@ RUN mkdir -p /usr/share/man/man1 \
 
 # TorchServe writes logs/, key_file.json and its model store into the working directory.
 COPY --chown=1000:1000 serving/ serving/
-RUN mkdir -p model_store logs && chown 1000:1000 model_store logs
+RUN mkdir -p model_store logs run && chown 1000:1000 model_store logs run
 
 USER 1000:1000
 ENV LOG_LOCATION=/app/logs \
@@ -89,5 +89,8 @@ ENV LOG_LOCATION=/app/logs \
 
 # inference, management, metrics
 EXPOSE 8080 8081 8082
-CMD ["torchserve", "--start", "--foreground", "--ncs", \
-     "--ts-config", "serving/config.properties", "--model-store", "model_store"]
+# serving/config.properties binds to 127.0.0.1; in a pod, inference and metrics must be
+# reachable from the Service and Prometheus, management stays on the loopback.
+CMD ["prvr", "serve", "--foreground", "--workdir", "/app/run", "--model-store", "model_store", \
+     "--ts-set", "inference_address=http://0.0.0.0:8080", \
+     "--ts-set", "metrics_address=http://0.0.0.0:8082"]

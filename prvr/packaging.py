@@ -41,11 +41,13 @@ from prvr.config import Config
 from prvr.errors import CheckpointError, PrvrError, SearchIndexError
 
 __all__ = ["build_archive", "TorchServe", "read_properties", "write_properties", "free_port",
-           "HANDLER", "DEFAULT_CONFIG", "register_cli"]
+           "HANDLER", "DEFAULT_CONFIG", "SERVING", "register_cli"]
 
-REPO = Path(__file__).resolve().parent.parent
-HANDLER = REPO / "serving" / "handler.py"
-DEFAULT_CONFIG = REPO / "serving" / "config.properties"
+_SOURCE_SERVING = Path(__file__).resolve().parent.parent / "serving"
+# A source checkout has serving/ next to prvr/; the container image keeps it in /app/serving.
+SERVING = _SOURCE_SERVING if _SOURCE_SERVING.is_dir() else Path.cwd() / "serving"
+HANDLER = SERVING / "handler.py"
+DEFAULT_CONFIG = SERVING / "config.properties"
 _PATH_KEYS = ("metrics_config", "model_store")
 
 

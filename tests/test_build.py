@@ -184,7 +184,11 @@ def test_dockerfile_stages_and_runtime():
     serving = text.split("AS serving", 1)[1]
     assert "openjdk-17-jre-headless" in serving
     assert re.search(r"^EXPOSE 8080 8081 8082$", serving, re.M)
-    assert "torchserve" in serving and "serving/config.properties" in serving
+    # `prvr serve` starts TorchServe with serving/config.properties (loopback) and opens only
+    # inference and metrics to the pod network; management stays on the loopback.
+    cmd = re.search(r"^CMD (\[.*?\])\s*$", serving, re.M | re.S).group(1)
+    assert '"prvr", "serve", "--foreground"' in cmd
+    assert "inference_address=http://0.0.0.0:8080" in cmd and "management_address" not in cmd
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0", "0:0"), "images must not run as root"
     assert "WORKDIR /app" in text and "params.yaml" in text
