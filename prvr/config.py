@@ -118,6 +118,7 @@ class SearchConfig:
     ef_search: int = 128
     pq_m: int = 48
     candidates: int = 200
+    frame_candidates: int = 100
     milvus_uri: str | None = None
 
 

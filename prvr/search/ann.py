@@ -2,10 +2,13 @@
 
 faiss indexes the N*K clip vectors (inner product = cosine: rows are unit
 vectors). A query's nearest clips name candidate videos (each video by its best
-clip: the clip-scale score); the `candidates` distinct videos found are then
-re-scored exactly from the stored clips/attended arrays, so every returned score
-is exact and only the candidate set is approximate (recall is measured by the
-benchmark, not assumed).
+clip: the clip-scale score). The frame-scale score is not predicted by the clip
+vectors (in trained models a clip and its attended vector are nearly orthogonal,
+while a video's K attended vectors are close to each other), so a second, small
+index over each video's mean attended vector adds the videos whose frame score
+is high. The union is re-scored exactly from the stored clips/attended arrays:
+every returned score is exact and only the candidate set is approximate (recall
+is measured by the benchmark, not assumed).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from prvr.search.exact import SearchResult, as_queries, empty_result
 from prvr.search.index import VideoIndex, sha256_file
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
-           "rerank", "distinct_videos"]
+           "rerank", "distinct_videos", "video_centroids", "centroid_index"]
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 
@@ -97,6 +100,26 @@ def build_faiss_into(folder: str | Path, cfg: SearchConfig) -> dict[str, Any]:
     return manifest["ann"]
 
 
+def video_centroids(attended: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
+    """Unit mean attended vector of each video: (N, K, H) -> float32 (N, H), read in chunks."""
+    N, _, H = attended.shape
+    out = np.empty((N, H), np.float32)
+    for i in range(0, N, chunk):
+        m = np.asarray(attended[i:i + chunk], np.float32).mean(1)
+        out[i:i + chunk] = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
+    return out
+
+
+def centroid_index(attended: np.ndarray) -> Any:
+    """Exact inner-product index over the N video centroids, stored as fp16 (N x H x 2 bytes)."""
+    import faiss
+    H = attended.shape[-1]
+    index = faiss.IndexScalarQuantizer(H, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    index.train(np.zeros((1, H), np.float32))
+    index.add(video_centroids(attended))
+    return index
+
+
 def distinct_videos(labels: np.ndarray, K: int, need: int) -> list[np.ndarray]:
     """Per row of clip labels (Q, n) (-1 = none), the first `need` distinct videos in rank order."""
     out = []
@@ -153,6 +176,8 @@ class FaissSearch:
                                    f"{self.N * self.K} clips: rebuild it")
         _set_search_params(faiss_index, self.params)
         self.faiss = faiss_index
+        self.frame_candidates = cfg.frame_candidates
+        self.centroids = centroid_index(index.attended) if self.frame_candidates > 0 else None
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor | np.ndarray, top_k: int = 10, alpha: float | None = None,
@@ -177,4 +202,7 @@ class FaissSearch:
                 if len(found[j]) < need and n < total and (labels[j] >= 0).all():
                     short.append(i)
             todo, n = np.array(short, dtype=np.int64), min(total, n * 4)
+        if self.centroids is not None:
+            _, by_frame = self.centroids.search(qn, min(self.N, self.frame_candidates))  # (Q, f)
+            cands = [np.union1d(c, f[f >= 0]) for c, f in zip(cands, by_frame)]
         return rerank(self.index, q, cands, k, alpha)
