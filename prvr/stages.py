@@ -475,7 +475,8 @@ def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path
                   endpoint_url: str | None = None, out_dir: str | Path | None = None,
                   build_index: bool = True) -> dict[str, Any]:
     """The promotion gate: build the video index, then register the model, index and metrics
-    and promote them only if test SumR beats production by more than ``margin``. The
+    and promote them only if test SumR beats production by more than ``margin``; a promoted
+    version is also packaged as ``model_store/prvr-<version>.mar`` for TorchServe. The
     version's params are the settings stored in the checkpoint (what it was trained with).
 
     ``metrics`` is the evaluate dict or its JSON file. Writes ``decision.json`` into
@@ -513,8 +514,13 @@ def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path
                                            params=_trained_config(checkpoint, cfg),
                                            margin=margin, data_version=data_version)
     decision.update(model_name=cfg.registry.model_name, registry_uri=uri, margin=margin,
-                    data_version=data_version, index=index_dir is not None, index_note=index_note,
-                    duration_seconds=round(time.time() - t0, 3))
+                    data_version=data_version, index=index_dir is not None, index_note=index_note)
+    if decision.get("promoted") and index_dir is not None:
+        # The TorchServe archive of the new production version, ready for `prvr serve`.
+        from prvr.packaging import build_archive
+        decision["archive"] = str(build_archive(checkpoint, index_dir, out_dir / "model_store",
+                                                decision["version"], "prvr", cfg))
+    decision["duration_seconds"] = round(time.time() - t0, 3)
     _write_json(out_dir / DECISION_JSON, decision)
     _push("prvr-register", {"duration_seconds": decision["duration_seconds"],
                             "promoted": decision["promoted"], "candidate_sumr": decision["candidate"]}, cfg)

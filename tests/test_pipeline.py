@@ -76,6 +76,9 @@ def test_whole_pipeline_runs_locally(tmp_path: Path, tiny_encoded: Path) -> None
     decision = json.loads((Path(out["decision"].path) / "decision.json").read_text())
     assert decision["promoted"] and decision["version"] == "v0001"
     assert decision["reason"] == "promoted v0001: no production model yet"
+    # the register step also hands the new production version over as a TorchServe archive
+    mar = Path(out["decision"].path) / "model_store" / "prvr-v0001.mar"
+    assert decision["archive"] == str(mar) and mar.stat().st_size > 0
     reg = Registry(uri)
     assert reg.production("prvr-mssl-pp") == "v0001"
     assert reg.show("prvr-mssl-pp", "v0001")["params"]["train"]["epochs"] == 2
