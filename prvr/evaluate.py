@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from prvr.config import Config
 from prvr.data import Collection
 from prvr.dataset import collate_queries
 from prvr.errors import CheckpointError
-from prvr.metrics import metrics_from_ranks, ranks_from_scores
-from prvr.model import PRVRModel, VideoEmbeddings, score
+from prvr.metrics import metrics_from_ranks
+from prvr.model import PRVRModel, VideoEmbeddings
 from prvr.sources import TextSource, VideoSource
 
 __all__ = ["evaluate", "encode_corpus", "encode_query_texts", "rank_split", "load_model",
@@ -86,13 +87,13 @@ def rank_split(queries: torch.Tensor, videos: VideoEmbeddings, truth: np.ndarray
                query_chunk: int = 2048, video_chunk: int = 4096) -> dict[str, np.ndarray]:
     """1-based rank of each query's true video under the fused, clip and frame scores.
 
-    Only a (query_chunk, V) block of scores exists at a time."""
-    ranks = {k: [] for k in SCORE_KINDS}
-    for i in range(0, len(queries), query_chunk):
-        s = score(queries[i:i + query_chunk], videos.clips, videos.attended, alpha, video_chunk)
-        for kind in SCORE_KINDS:
-            ranks[kind].append(ranks_from_scores(getattr(s, kind).numpy(), truth[i:i + query_chunk]))
-    return {k: np.concatenate(v) for k, v in ranks.items()}
+    Goes through the search engine that serving uses (an in-memory index of the
+    corpus); only a (query_chunk, V) block of scores exists at a time."""
+    from prvr.search import ExactSearch, VideoIndex
+    index = VideoIndex.from_arrays(F.normalize(videos.clips.float(), dim=-1).numpy(),
+                                   F.normalize(videos.attended.float(), dim=-1).numpy(), alpha=alpha)
+    engine = ExactSearch(index, video_chunk=video_chunk, precision="fp32")
+    return engine.truth_ranks(queries, truth, alpha, query_chunk)
 
 
 def query_spread(queries: torch.Tensor, sample: int = 2000) -> float:

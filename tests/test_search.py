@@ -226,3 +226,20 @@ def test_cli_build_and_search(tiny_encoded, tiny_checkpoint, tmp_path, capsys):
     assert lines[0] == "query: a person walks" and len(lines) == 5 and "frames" in lines[2]
     assert main(["index", "search", "--index", str(tmp_path / "none"), "--checkpoint",
                  str(tiny_checkpoint), "--query", "x"]) == 2
+
+
+def test_truth_ranks_equal_ranks_of_the_full_score_matrix():
+    """Evaluation's ranks (through the engine) == ranks of prvr.model.score's full matrix."""
+    from prvr.metrics import ranks_from_scores
+    from prvr.model import score
+    g = torch.Generator().manual_seed(5)
+    clips = torch.nn.functional.normalize(torch.randn(40, 6, 16, generator=g), dim=-1)
+    attended = torch.nn.functional.normalize(torch.randn(40, 6, 16, generator=g), dim=-1)
+    q = torch.randn(25, 16, generator=g)
+    truth = torch.randint(0, 40, (25,), generator=g).numpy()
+    engine = ExactSearch(VideoIndex.from_arrays(clips.numpy(), attended.numpy()), video_chunk=7,
+                         precision="fp32")
+    got = engine.truth_ranks(q, truth, alpha=0.6, query_chunk=4)
+    s = score(q, clips, attended, 0.6)
+    for kind in ("fused", "clip", "frame"):
+        assert np.array_equal(got[kind], ranks_from_scores(getattr(s, kind).numpy(), truth)), kind

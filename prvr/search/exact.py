@@ -143,6 +143,25 @@ class ExactSearch:
             return self._search_fp32(q, k, alpha)
         return self._search_bf16(q, k, alpha)
 
+    @torch.no_grad()
+    def truth_ranks(self, queries: torch.Tensor | np.ndarray, truth: np.ndarray, alpha: float | None = None,
+                    query_chunk: int = 2048) -> dict[str, np.ndarray]:
+        """1-based rank of each query's true video under the fused, clip and frame scores.
+
+        Evaluation needs whole score rows, not a top-k: fp32 `prvr.model.score` over the
+        index arrays, a (query_chunk, N) block at a time; ties ranked pessimistically."""
+        from prvr.metrics import ranks_from_scores
+        from prvr.model import score
+        q = as_queries(queries)
+        alpha = self.index.alpha if alpha is None else float(alpha)
+        clips, attended = torch.from_numpy(np.asarray(self.index.clips)), torch.from_numpy(np.asarray(self.index.attended))
+        ranks: dict[str, list[np.ndarray]] = {"fused": [], "clip": [], "frame": []}
+        for i in range(0, len(q), query_chunk):
+            s = score(q[i:i + query_chunk], clips, attended, alpha, self.video_chunk)
+            for kind, rows in ranks.items():
+                rows.append(ranks_from_scores(getattr(s, kind).numpy(), truth[i:i + query_chunk]))
+        return {kind: np.concatenate(rows) for kind, rows in ranks.items()}
+
     # -- plain fp32 ------------------------------------------------------------
     def _search_fp32(self, q: torch.Tensor, k: int, alpha: float) -> SearchResult:
         K, H = self.K, self.H
