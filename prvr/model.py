@@ -156,6 +156,8 @@ def score(queries: torch.Tensor, clips: torch.Tensor, attended: torch.Tensor,
     Videos are processed in chunks so memory stays bounded for large corpora.
     """
     q = F.normalize(queries.float(), dim=-1)                              # (Q, H)
+    # bound each (Q, v, K) block to ~2^26 floats whatever the number of clips K
+    video_chunk = max(1, min(video_chunk, (1 << 26) // max(1, len(q) * clips.shape[1])))
     out = []
     for start in range(0, clips.shape[0], video_chunk):
         c = F.normalize(clips[start:start + video_chunk].float(), dim=-1)  # (v, K, H)
