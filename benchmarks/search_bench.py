@@ -230,8 +230,32 @@ def bench_size(N: int, args: argparse.Namespace) -> dict:
                                                 for i in range(n1)]))
         row[f"{kind}_rss_gib"] = round(rss_gib(), 2)
         del eng, fi
+    if N <= args.milvus_max:
+        row.update(bench_milvus(index, q, gt, args))
     row["load_avg"] = os.getloadavg()[0]
     return row
+
+
+def bench_milvus(index: VideoIndex, q: torch.Tensor, gt, args: argparse.Namespace) -> dict:
+    """Milvus Lite (embedded) behind the same interface: insert time, latency, overlap with exact."""
+    import tempfile
+    try:
+        from prvr.search.milvus import MilvusSearch
+    except ImportError as exc:  # pragma: no cover - pymilvus is in the lock
+        return {"milvus_skipped": str(exc)}
+    nq = min(args.milvus_queries, len(gt.video_idx))
+    with tempfile.TemporaryDirectory(prefix="prvr-milvus-") as tmp:
+        cfg = SearchConfig(backend="milvus", milvus_uri=str(Path(tmp) / "bench.db"),
+                           candidates=args.candidates)
+        t0 = time.perf_counter()
+        eng = MilvusSearch(index, cfg)
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = eng.search(q[:nq], 10)
+        ms = (time.perf_counter() - t0) * 1e3 / nq
+        eng.client.close()
+    return {"milvus_build_s": round(build, 2), "milvus_ms_per_query": ms, "milvus_queries": nq,
+            "milvus_overlap10": overlap(res.video_idx, gt.video_idx[:nq], 10)}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -266,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-max", type=int, default=200000,
                    help="above: memmapped corpus in --workdir, exact ground truth fp32 on --gt-queries")
     p.add_argument("--gt-queries", type=int, default=5)
+    p.add_argument("--milvus-max", type=int, default=2179, help="run Milvus Lite up to this size")
+    p.add_argument("--milvus-queries", type=int, default=5)
     p.add_argument("--original-max", type=int, default=2179, help="run the original path up to this size")
     p.add_argument("--original-queries", type=int, default=20)
     p.add_argument("--precision", default="auto", help="ExactSearch precision: auto | bf16 | fp32")
