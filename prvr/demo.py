@@ -128,12 +128,17 @@ def serve_and_query(cfg: Config, result: dict[str, Any], registry_uri: str,
     if version is None:
         raise PrvrError(f"registry {registry_uri} has no production version of {name} to serve")
     work = Path(workdir).resolve()
-    pulled = reg.pull(name, version, work / "pulled" / version)
-    mar = build_archive(pulled / "model.pt", pulled / "index", work / "model_store", version, "prvr", cfg)
+    made = result["decision"].get("archive")
+    if result["decision"].get("version") == version and made and Path(made).is_file():
+        mar = Path(made)  # the register step already packaged this production version
+    else:
+        pulled = reg.pull(name, version, work / "pulled" / version)
+        mar = build_archive(pulled / "model.pt", pulled / "index", work / "model_store", version,
+                            "prvr", cfg)
     coll = Collection(result["dataset"]["abs_path"])
     captions = coll.captions("test")[:queries]
     answers = []
-    with TorchServe(work, work / "model_store", {"prvr": mar.name}, free_ports=True) as server:
+    with TorchServe(work, mar.parent, {"prvr": mar.name}, free_ports=True) as server:
         for cap in captions:
             r = server.infer({"query": cap.text, "top_k": 3})
             r.raise_for_status()

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from prvr.config import Config
 from prvr.data import Collection
@@ -88,10 +87,11 @@ def rank_split(queries: torch.Tensor, videos: VideoEmbeddings, truth: np.ndarray
     """1-based rank of each query's true video under the fused, clip and frame scores.
 
     Goes through the search engine that serving uses (an in-memory index of the
-    corpus); only a (query_chunk, V) block of scores exists at a time."""
+    corpus); only a (query_chunk, V) block of scores exists at a time. `score`
+    normalises each block itself, so the corpus is not copied to normalise it first."""
     from prvr.search import ExactSearch, VideoIndex
-    index = VideoIndex.from_arrays(F.normalize(videos.clips.float(), dim=-1).numpy(),
-                                   F.normalize(videos.attended.float(), dim=-1).numpy(), alpha=alpha)
+    index = VideoIndex.from_arrays(videos.clips.float().numpy(), videos.attended.float().numpy(),
+                                   alpha=alpha)
     engine = ExactSearch(index, video_chunk=video_chunk, precision="fp32")
     return engine.truth_ranks(queries, truth, alpha, query_chunk)
 
