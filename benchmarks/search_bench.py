@@ -42,6 +42,32 @@ def rss_gib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
+def memory_gib() -> dict[str, float]:
+    """Resident memory split: private (anon: faiss codes, arrays in RAM) and mapped file pages
+    (the memory-mapped index rows touched so far, reclaimable page cache)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmHWM"):
+                out[key] = round(int(val.split()[0]) / 2 ** 20, 2)
+    except OSError:
+        pass
+    return out
+
+
+def faiss_bytes(index, workdir: str) -> int:
+    """Size of the index as `prvr index build --ann` stores it (written once, then removed)."""
+    import faiss
+    path = Path(workdir) / f"probe-{os.getpid()}.faiss"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        faiss.write_index(index, str(path))
+        return path.stat().st_size
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def median_ms(fn, reps: int) -> float:
     fn()
     ts = []
@@ -194,6 +220,9 @@ def bench_size(N: int, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         gt = exact.search(q[:nq], 100)
         row["exact_ms_b%d_fp32_stream" % nq] = (time.perf_counter() - t0) * 1e3 / nq
+        del exact
+        index = make_corpus(N, args.seed, dtype, Path(args.workdir), kind=args.corpus)  # fresh mappings:
+        # the ground-truth pass touched every page; the ANN memory below counts only its own
     row["rss_gib_after_exact"] = round(rss_gib(), 2)
     # original path
     if N <= args.original_max:
@@ -211,14 +240,16 @@ def bench_size(N: int, args: argparse.Namespace) -> dict:
         if kind == "hnsw" and N > args.hnsw_max:
             row[f"{kind}_skipped"] = f"N > --hnsw-max {args.hnsw_max} (build too slow on 2 cores)"
             continue
+        if kind == "ivf" and N > args.ivf_max:
+            row[f"{kind}_skipped"] = f"N > --ivf-max {args.ivf_max} (scans fp32 lists: slow)"
+            continue
         cfg = SearchConfig(backend="faiss", index_type=kind, nlist=args.nlist, nprobe=args.nprobe,
                            ef_search=args.ef_search, candidates=args.candidates, pq_m=args.pq_m,
-                           frame_candidates=args.frame_candidates)
-        if kind == "ivf" and big:
-            continue
-        t0 = time.perf_counter()
-        fi = train_and_add(index.clips, ann_params(cfg, N * K))
-        row[f"{kind}_build_s"] = round(time.perf_counter() - t0, 2)
+                           refine=args.refine, refine_pq_m=args.refine_pq_m)
+        fi, row[f"{kind}_build_s"] = build_ann(index, cfg, N, big, args)
+        if big:     # serve as a fresh process would: only the pages the searches touch are mapped
+            index = make_corpus(N, args.seed, dtype, Path(args.workdir), kind=args.corpus)
+        row[f"{kind}_refine"] = f"pq{args.refine_pq_m} in RAM" if args.refine_pq_m else "exact from arrays"
         eng = FaissSearch(index, cfg, faiss_index=fi)
         nq = len(gt.video_idx)
         res = eng.search(q[:nq], 100, candidates=max(100, args.candidates))
@@ -229,11 +260,31 @@ def bench_size(N: int, args: argparse.Namespace) -> dict:
         row[f"{kind}_ms_b1"] = float(np.median([median_ms(lambda i=i: eng.search(q[i:i + 1], 10), 1)
                                                 for i in range(n1)]))
         row[f"{kind}_rss_gib"] = round(rss_gib(), 2)
+        row[f"{kind}_memory_gib"] = memory_gib()
+        row[f"{kind}_index_bytes_per_video"] = round(faiss_bytes(fi, args.workdir) / N, 1)
         del eng, fi
     if N <= args.milvus_max:
         row.update(bench_milvus(index, q, gt, args))
     row["load_avg"] = os.getloadavg()[0]
     return row
+
+
+def build_ann(index: VideoIndex, cfg: SearchConfig, N: int, big: bool, args: argparse.Namespace):
+    """(faiss index, build seconds); big corpora cache the index in --workdir (a 1M build
+    takes ~15 minutes on 2 cores), reporting the build time of the run that made it."""
+    import faiss
+    params = ann_params(cfg, N * K, index.alpha)
+    tag = "_".join(str(params[k]) for k in ("index_type", "nlist", "pq_m", "refine_pq_m", "alpha"))
+    path = Path(args.workdir) / f"{args.corpus}_{N}_{tag}.faiss"
+    if big and path.exists():
+        return faiss.read_index(str(path)), json.loads(path.with_suffix(".json").read_text())["build_s"]
+    t0 = time.perf_counter()
+    fi = train_and_add(index.clips, index.attended, params, progress=big)
+    build_s = round(time.perf_counter() - t0, 2)
+    if big:
+        faiss.write_index(fi, str(path))
+        path.with_suffix(".json").write_text(json.dumps({"build_s": build_s, "params": params}))
+    return fi, build_s
 
 
 def bench_milvus(index: VideoIndex, q: torch.Tensor, gt, args: argparse.Namespace) -> dict:
@@ -246,7 +297,7 @@ def bench_milvus(index: VideoIndex, q: torch.Tensor, gt, args: argparse.Namespac
     nq = min(args.milvus_queries, len(gt.video_idx))
     with tempfile.TemporaryDirectory(prefix="prvr-milvus-") as tmp:
         cfg = SearchConfig(backend="milvus", milvus_uri=str(Path(tmp) / "bench.db"),
-                           candidates=args.candidates)
+                           milvus_candidates=args.milvus_candidates)
         t0 = time.perf_counter()
         eng = MilvusSearch(index, cfg)
         build = time.perf_counter() - t0
@@ -276,14 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=50, help="query batch size (batch-50 timing)")
     p.add_argument("--batch1", type=int, default=10, help="queries timed one at a time")
     p.add_argument("--reps", type=int, default=5, help="repetitions of the batch timing (median)")
-    p.add_argument("--ann", default="hnsw,ivf,ivfpq", help="faiss index types to build")
+    p.add_argument("--ann", default="ivfpqfs,ivf,hnsw", help="faiss index types to build")
     p.add_argument("--nlist", type=int, default=1024)
-    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--nprobe", type=int, default=128)
     p.add_argument("--ef-search", type=int, default=128)
-    p.add_argument("--pq-m", type=int, default=48)
-    p.add_argument("--candidates", type=int, default=200, help="videos re-ranked exactly after ANN")
-    p.add_argument("--frame-candidates", type=int, default=100,
-                   help="+ videos nearest by mean attended vector (0: clip candidates only)")
+    p.add_argument("--pq-m", type=int, default=96)
+    p.add_argument("--refine", type=int, default=2000, help="ANN clip hits re-scored exactly per query")
+    p.add_argument("--refine-pq-m", type=int, default=0,
+                   help="re-score ANN hits with an in-RAM 8-bit PQ of this many bytes per clip "
+                        "(0: exactly, from the stored arrays)")
+    p.add_argument("--candidates", type=int, default=50, help="videos re-ranked exactly after ANN")
+    p.add_argument("--milvus-candidates", type=int, default=200, help="videos by best clip (Milvus)")
+    p.add_argument("--ivf-max", type=int, default=10000, help="skip IVF-Flat above this size")
     p.add_argument("--corpus", default="structured", choices=("structured", "isotropic"),
                    help="similarity structure of the random corpus (see the module docstring)")
     p.add_argument("--hnsw-max", type=int, default=10000, help="skip HNSW above this size")

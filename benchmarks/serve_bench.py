@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -32,12 +33,14 @@ def pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-def make_checkpoint(path: Path, text_dim: int, encoder_name: str, video_dim: int = 1024) -> Path:
+def make_checkpoint(path: Path, text_dim: int, encoder_name: str, video_dim: int = 1024,
+                    text_precision: str = "float32") -> Path:
     from prvr.config import Config
     from prvr.model import PRVRModel
 
     cfg = Config()
     cfg.model.video_dim, cfg.model.text_dim = video_dim, text_dim
+    cfg.text.precision = text_precision
     torch.manual_seed(0)
     torch.save({"state_dict": PRVRModel(cfg.model).state_dict(), "config": cfg.to_dict(), "epoch": 0,
                 "metrics": {}, "text_encoder": encoder_name}, path)
@@ -98,6 +101,21 @@ def in_process(retriever, n: int) -> dict:
             "scoring_batched_64_ms_per_query": 1e3 * batched, "queries": n}
 
 
+def worker_means(ts) -> dict:
+    """Mean seconds per request inside the worker, from prvr's histograms on TorchServe's
+    /metrics: where REST time goes that the in-process split does not show."""
+    import requests
+
+    sums: dict[str, list[float]] = {}
+    for line in requests.get(f"{ts.metrics_url}/metrics", timeout=10).text.splitlines():
+        for name in ("prvr_request_latency_seconds", "prvr_stage_seconds"):
+            for part in ("_sum", "_count"):
+                if line.startswith(name + part):
+                    stage = line.split('stage="')[1].split('"')[0] if "stage=" in line else "handler"
+                    sums.setdefault(stage, [0.0, 0.0])[part == "_count"] += float(line.rsplit(" ", 1)[1])
+    return {f"{stage}_ms": 1e3 * s / c for stage, (s, c) in sums.items() if c}
+
+
 def rest(ts, n: int, clients: int, per_client: int) -> dict:
     import requests
 
@@ -109,6 +127,7 @@ def rest(ts, n: int, clients: int, per_client: int) -> dict:
             if i >= 5:
                 lat.append(time.perf_counter() - t)
             assert r.status_code == 200, r.text
+    inside = worker_means(ts)
 
     def client(c: int) -> list[int]:
         with requests.Session() as s:
@@ -120,7 +139,7 @@ def rest(ts, n: int, clients: int, per_client: int) -> dict:
         codes = [c for cs in pool.map(client, range(clients)) for c in cs]
     elapsed = time.perf_counter() - t0
     return {"sequential": {"requests": n, "p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * pct(lat, 99),
-                           "mean_ms": 1e3 * statistics.mean(lat)},
+                           "mean_ms": 1e3 * statistics.mean(lat), "inside_worker_mean": inside},
             "concurrent": {"clients": clients, "requests": len(codes), "errors": sum(c != 200 for c in codes),
                            "seconds": elapsed, "throughput_rps": len(codes) / elapsed}}
 
@@ -132,26 +151,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200, help="sequential REST requests / in-process queries")
     p.add_argument("--clients", type=int, default=4, help="concurrent REST clients")
     p.add_argument("--per-client", type=int, default=50, help="requests per concurrent client")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads in-process (default 1, as in the TorchServe worker: PRVR_TORCH_THREADS)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, in process and in the TorchServe worker (PRVR_TORCH_THREADS); "
+                        "default serve.threads")
+    p.add_argument("--text-precision", default="float32", choices=("float32", "bfloat16"),
+                   help="text.precision of the (random) checkpoint: the MiniLM's matmul precision")
     p.add_argument("--no-rest", action="store_true", help="skip TorchServe (in-process numbers only)")
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from prvr.config import load_config
+    threads = args.threads or load_config(None).serve.threads
+    torch.set_num_threads(threads)
+    os.environ["PRVR_TORCH_THREADS"] = str(threads)      # inherited by the TorchServe worker
     from prvr.packaging import TorchServe, build_archive
     from prvr.serving import Retriever
     from prvr.text import TextEncoder
 
-    encoder = TextEncoder("minilm")
+    encoder = TextEncoder("minilm", precision=args.text_precision)
     with tempfile.TemporaryDirectory(prefix="prvr-serve-bench-") as tmp:
         tmp = Path(tmp)
-        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(tmp / "model.pt", encoder.dim, encoder.name)
+        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(tmp / "model.pt", encoder.dim, encoder.name,
+                                                                          text_precision=args.text_precision)
         index = make_index(ckpt, tmp / "index", args.videos, "bench")
         retriever = Retriever.load(ckpt, index, "bench", encoder=encoder)
         result = {"videos": args.videos, "torch_threads": torch.get_num_threads(),
+                  "text_encoder": encoder.name,
                   "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                   "cpus": len(__import__("os").sched_getaffinity(0)),
                   "load_avg_at_start": list(__import__("os").getloadavg()),
@@ -175,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             ("  CPU time: query encoding", ip["cpu_ms"]["query"]),
             ("  CPU time: scoring", ip["cpu_ms"]["score"]),
             ("  CPU time: total (all threads)", ip["cpu_ms"]["total"])]
-    print(f"corpus {args.videos} videos x 32 clips x 384; torch threads {result['torch_threads']}; "
+    print(f"corpus {args.videos} videos x 32 clips x 384; text encoder {encoder.name}; "
+          f"torch threads {result['torch_threads']}; "
           f"load avg {result['load_avg_at_start'][0]:.1f} -> {result['load_avg_at_end'][0]:.1f}")
     print(f"{'':44}{'p50 ms':>10}{'p99 ms':>10}")
     for name, v in rows:
@@ -184,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if "rest" in result:
         s, c = result["rest"]["sequential"], result["rest"]["concurrent"]
         print(f"{'REST single text query, end to end':44}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}")
+        print("  inside the worker, mean ms per request: " + ", ".join(
+            f"{k[:-3]} {v:.2f}" for k, v in sorted(s["inside_worker_mean"].items())))
         print(f"REST throughput: {c['throughput_rps']:.1f} req/s with {c['clients']} clients "
               f"({c['requests']} requests, {c['errors']} errors)")
     if args.out:

@@ -52,6 +52,7 @@ class TextConfig:
     encoder: str = "minilm"
     batch_size: int = 128
     max_tokens: int = 30
+    precision: str = "float32"
 
 
 @dataclass
@@ -107,18 +108,26 @@ class EvalConfig:
     mv_bin_width: float = 0.2
 
 
+ANN_INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq", "ivfpqfs")     # search.index_type (faiss)
+
+# Keys older checkpoints and archives may still carry; read and ignored.
+RETIRED_KEYS = frozenset({"search.frame_candidates"})
+
+
 @dataclass
 class SearchConfig:
     backend: str = "exact"
     dtype: str = "float32"
-    index_type: str = "hnsw"
+    index_type: str = "ivfpqfs"
     nlist: int = 1024
-    nprobe: int = 32
+    nprobe: int = 128
     hnsw_m: int = 32
     ef_search: int = 128
-    pq_m: int = 48
-    candidates: int = 200
-    frame_candidates: int = 100
+    pq_m: int = 96
+    refine: int = 2000
+    refine_pq_m: int = 0
+    candidates: int = 50
+    milvus_candidates: int = 200
     milvus_uri: str | None = None
 
 
@@ -138,7 +147,8 @@ class ServeConfig:
     max_queries: int = 64
     fps: float | None = None
     batch_size: int = 4
-    max_batch_delay_ms: int = 5
+    max_batch_delay_ms: int = 1
+    threads: int = 2
 
 
 @dataclass
@@ -166,7 +176,8 @@ class Config:
             if not isinstance(values, dict):
                 raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
             for key, value in values.items():
-                _set(cfg, f"{section}.{key}", value)
+                if f"{section}.{key}" not in RETIRED_KEYS:
+                    _set(cfg, f"{section}.{key}", value)
         cfg.validate()
         return cfg
 
@@ -193,6 +204,8 @@ class Config:
         for name in ("epochs", "batch_size"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1")
+        if self.text.precision not in ("float32", "bfloat16"):
+            raise ConfigError(f"text.precision must be float32 or bfloat16, got {self.text.precision!r}")
         if self.search.dtype not in ("float32", "float16"):
             raise ConfigError(f"search.dtype must be float32 or float16, got {self.search.dtype!r}")
 

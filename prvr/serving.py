@@ -265,7 +265,7 @@ class Retriever:
         trained_with = ckpt.get("text_encoder")
         if encoder is None and load_encoder:
             from prvr.text import TextEncoder
-            encoder = TextEncoder(cfg.text.encoder, max_tokens=cfg.text.max_tokens)
+            encoder = TextEncoder.from_config(cfg.text)
         if encoder is not None:
             expected = trained_with or manifest.get("text_encoder")
             if expected and encoder.name != expected:
@@ -440,12 +440,12 @@ class TorchServeService:
 
     @classmethod
     def from_context(cls, context: Any) -> "TorchServeService":
-        # One intra-op thread per worker by default: on a small CPU box the worker shares the
-        # cores with TorchServe's frontend, and spinning OpenMP threads cost far more than they
-        # gain (measured: 11 ms vs 220 ms CPU for one MiniLM query on 2 busy cores).
-        torch.set_num_threads(int(os.environ.get("PRVR_TORCH_THREADS", "1")))
         model_dir = context.system_properties.get("model_dir")
+        # serve.threads (env PRVR_TORCH_THREADS overrides): intra-op threads of this worker,
+        # set before anything runs. docs/serving.md has the measured trade-off.
         try:
+            serve = load_serve_manifest(model_dir).get("serve") or {}
+            torch.set_num_threads(max(1, int(os.environ.get("PRVR_TORCH_THREADS") or serve.get("threads") or 1)))
             retriever = Retriever.from_model_dir(model_dir)
         except Exception:
             # TorchServe shows only the log: say why the model failed to load, then fail it.

@@ -30,7 +30,7 @@ class TextSource:
             self.encoder_name = collection.text_encoder or f"hdf5:{collection.text_feature_path.name}"
         else:
             from prvr.text import TextEncoder
-            self.encoder = TextEncoder(cfg.text.encoder, max_tokens=cfg.text.max_tokens)
+            self.encoder = TextEncoder.from_config(cfg.text)
             self.dim = self.encoder.dim
             self.encoder_name = self.encoder.name
             self._batch = cfg.text.batch_size

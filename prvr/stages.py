@@ -165,7 +165,7 @@ def preprocess(source: str, out_dir: str | Path, cfg: Config, encoder: Any = Non
         if encoder is None:
             from prvr.text import TextEncoder
 
-            encoder = TextEncoder(cfg.text.encoder, max_tokens=cfg.text.max_tokens)
+            encoder = TextEncoder.from_config(cfg.text)
         from prvr.text import encode_collection
 
         encode_collection(path, encoder, target, batch_size=cfg.text.batch_size)

@@ -30,6 +30,14 @@ def test_bad_overrides_name_the_problem(override, message):
         load_config(None, [override])
 
 
+def test_retired_keys_of_older_checkpoints_are_ignored():
+    """search.frame_candidates (centroid candidates, before fused-vector ANN) still loads."""
+    cfg = Config.from_dict({"search": {"frame_candidates": 100, "candidates": 40}})
+    assert cfg.search.candidates == 40 and not hasattr(cfg.search, "frame_candidates")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        Config.from_dict({"search": {"frame_candidatez": 100}})
+
+
 def test_cwd_params_file_wins(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("train:\n  epochs: 7\n")
     monkeypatch.chdir(tmp_path)

@@ -68,6 +68,9 @@ def test_exact_equals_score(tmp_path, precision):
         _check_same(res, ref, k)
         ref_key = ref.key_clip.gather(1, res.video_idx)
         assert (res.key_clip == ref_key).float().mean() > 0.99     # only duplicated clips may differ
+    for i in range(3):                                             # few queries: gathered frame side
+        _check_same(eng.search(q[i:i + 1], 10), score(q[i:i + 1], emb.clips, emb.attended, 0.7), 10)
+    _check_same(eng.search(q[:3], 10), score(q[:3], emb.clips, emb.attended, 0.7), 10)
     res = eng.search(q[0].numpy(), 5, alpha=0.3)                   # ndarray (H,), another alpha
     _check_same(res, score(q[:1], emb.clips, emb.attended, 0.3), 5)
     assert eng.search(q, 10_000).video_idx.shape == (40, 700)      # top_k clamps to N
@@ -152,8 +155,9 @@ def test_faiss_flat_equals_exact_and_hnsw_recall(tmp_path):
     assert torch.equal(flat.video_idx, exact.video_idx)
     assert torch.allclose(flat.fused, exact.fused, atol=1e-5)
     overlaps = {}
-    for kind in ("hnsw", "ivf", "ivfpq"):
-        cfg = SearchConfig(backend="faiss", index_type=kind, nlist=16, nprobe=4, pq_m=8, candidates=40)
+    for kind in ("hnsw", "ivf", "ivfpq", "ivfpqfs"):
+        cfg = SearchConfig(backend="faiss", index_type=kind, nlist=16, nprobe=4, pq_m=8, candidates=40,
+                           refine=200)
         res = make_engine(index, cfg).search(q, 10)
         ok = res.video_idx >= 0
         # returned scores are exact for the returned videos
@@ -161,8 +165,18 @@ def test_faiss_flat_equals_exact_and_hnsw_recall(tmp_path):
         assert torch.allclose(res.fused[ok], ref[ok], atol=1e-5)
         overlaps[kind] = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10
                                   for a, b in zip(res.video_idx, exact.video_idx)])
-    # measured on this data (pure noise beyond the planted matches): hnsw 0.95, ivf 0.65, ivfpq 0.62
-    assert overlaps["hnsw"] >= 0.9 and overlaps["ivf"] >= 0.5 and overlaps["ivfpq"] >= 0.45, overlaps
+    refined = make_engine(index, SearchConfig(backend="faiss", index_type="ivfpqfs", nlist=16, nprobe=16,
+                                              pq_m=8, refine_pq_m=8, candidates=40, refine=400))
+    assert refined.faiss.__class__.__name__ == "IndexRefine"
+    res = refined.search(q, 10)
+    ref = score(q, emb.clips, emb.attended, 0.7).fused.gather(1, res.video_idx.clamp_min(0))
+    assert torch.allclose(res.fused[res.video_idx >= 0], ref[res.video_idx >= 0], atol=1e-5)
+    overlaps["ivfpqfs+pq"] = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10
+                                      for a, b in zip(res.video_idx, exact.video_idx)])
+    # measured on this data (pure noise beyond the planted matches): nprobe 4 of 16 lists: hnsw 1.0,
+    # ivf 0.69, ivfpq 0.68, ivfpqfs 0.68; all 16 lists with an 8-byte PQ re-score: 0.94
+    assert overlaps["hnsw"] >= 0.9 and min(overlaps[k] for k in ("ivf", "ivfpq", "ivfpqfs")) >= 0.5, overlaps
+    assert overlaps["ivfpqfs+pq"] >= 0.85, overlaps
 
 
 @pytest.mark.integration
@@ -173,7 +187,7 @@ def test_milvus_matches_exact(tmp_path):
     index = VideoIndex.load(_write(emb, tmp_path / "idx"))
     q = _queries(emb, 4)              # every video as a group: Milvus Lite needs ~2 s per query
     exact = ExactSearch(index).search(q, 10)
-    cfg = SearchConfig(backend="milvus", milvus_uri=str(tmp_path / "m.db"), candidates=2000)
+    cfg = SearchConfig(backend="milvus", milvus_uri=str(tmp_path / "m.db"), milvus_candidates=2000)
     eng = make_engine(index, cfg)
     res = eng.search(q, 10)
     assert torch.equal(res.video_idx, exact.video_idx)

@@ -245,7 +245,7 @@ def test_handler_with_mock_context(art, tmp_path, caplog, monkeypatch, text_enco
     model_dir = tmp_path / "model_dir"
     with zipfile.ZipFile(art.mars["v0001"]) as z:
         z.extractall(model_dir)
-    monkeypatch.setattr(prvr.text, "TextEncoder", lambda *a, **k: text_encoder)  # reuse the loaded one
+    monkeypatch.setattr(prvr.text.TextEncoder, "from_config", lambda *a, **k: text_encoder)  # reuse the loaded one
     monkeypatch.setenv("PRVR_TORCH_THREADS", str(torch.get_num_threads()))     # keep the session's
     bodies = [({"query": "a man opens the fridge", "top_k": 2}, "application/json"),
               (b"{bad json", "application/json"),
@@ -281,7 +281,7 @@ def test_handler_initialize_fails_clearly_on_encoder_mismatch(art, tmp_path, cap
 
     class Other:
         name, dim = "another-encoder:2", text_encoder.dim
-    monkeypatch.setattr(prvr.text, "TextEncoder", lambda *a, **k: Other())
+    monkeypatch.setattr(prvr.text.TextEncoder, "from_config", lambda *a, **k: Other())
     monkeypatch.setenv("PRVR_TORCH_THREADS", str(torch.get_num_threads()))
     ctx, _ = _context(model_dir, [])
     with caplog.at_level(logging.ERROR), pytest.raises(CheckpointError, match="another-encoder:2"):
@@ -366,7 +366,7 @@ def test_model_dir_can_load_a_registry_version(art, tmp_path, monkeypatch, text_
     model_dir = tmp_path / "model_dir"
     with zipfile.ZipFile(art.mars["v0001"]) as z:
         z.extractall(model_dir)
-    monkeypatch.setattr(prvr.text, "TextEncoder", lambda *a, **k: text_encoder)
+    monkeypatch.setattr(prvr.text.TextEncoder, "from_config", lambda *a, **k: text_encoder)
     monkeypatch.setenv("PRVR_REGISTRY_URI", f"file://{tmp_path / 'reg'}")
     assert Retriever.from_model_dir(model_dir).model_version == version
     monkeypatch.setenv("PRVR_REGISTRY_VERSION", "v0001")

@@ -80,3 +80,26 @@ def test_cli_encode_text(toy_collection, monkeypatch, capsys):
     (toy_collection / "TextData/toytrain.caption.txt").write_text("vidA#enc#0\n")
     assert prvr.cli.main(["encode-text", "--data", str(toy_collection), "--out", str(out)]) == 2
     assert "toytrain.caption.txt:1" in capsys.readouterr().err
+
+
+def test_lean_forward_equals_transformers(text_encoder):
+    """The plain-torch BERT forward serves the same features as transformers' BertModel."""
+    import torch
+    assert text_encoder._forward is not None
+    lean = text_encoder.encode(SENTENCES, batch_size=4)                # padded batch
+    with torch.inference_mode():
+        for sentence, got in zip(SENTENCES, lean):
+            batch = text_encoder.tokenizer([sentence], truncation=True, max_length=30, return_tensors="pt")
+            ref = text_encoder.model(**batch).last_hidden_state[0].numpy()
+            np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_bf16_precision_is_another_encoder(text_encoder):
+    enc = TextEncoder(precision="bfloat16")
+    assert enc.name == text_encoder.name + "@bfloat16"
+    for a, b in zip(enc.encode(SENTENCES[:2]), text_encoder.encode(SENTENCES[:2])):
+        assert a.shape == b.shape and a.dtype == np.float32
+        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert 0 < np.abs(a - b).max() < 0.1 and cos.min() > 0.999
+    with pytest.raises(PrvrError, match="text.precision"):
+        TextEncoder(precision="float8")

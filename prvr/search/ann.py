@@ -1,14 +1,23 @@
 """Approximate candidate retrieval with faiss, then exact MS-SL++ re-ranking.
 
-faiss indexes the N*K clip vectors (inner product = cosine: rows are unit
-vectors). A query's nearest clips name candidate videos (each video by its best
-clip: the clip-scale score). The frame-scale score is not predicted by the clip
-vectors (in trained models a clip and its attended vector are nearly orthogonal,
-while a video's K attended vectors are close to each other), so a second, small
-index over each video's mean attended vector adds the videos whose frame score
-is high. The union is re-scored exactly from the stored clips/attended arrays:
-every returned score is exact and only the candidate set is approximate (recall
-is measured by the benchmark, not assumed).
+faiss indexes one vector per clip: its *fused* vector z = alpha*c + (1-alpha)*a
+(clip vector and KCGA-attended vector). q.z is the fused score the video would
+get if that clip were its key clip, so a video's true fused score is q.z of its
+key clip, and every video in the true top-k owns a clip whose q.z is at least
+the k-th best score. (Indexing clip vectors alone misses videos ranked high by
+their frame-scale score: in trained models a clip and its attended vector are
+nearly orthogonal.)
+
+Search is three steps:
+
+1. faiss returns the `refine` best clips by approximate q.z (IVF-PQ fast scan by
+   default: 4-bit codes, 48 bytes per clip);
+2. those clips get their exact q.z (rows gathered from the stored arrays, with the
+   request's alpha), which picks the `candidates` best distinct videos;
+3. the candidates are re-ranked by the exact fused score (max over all K clips).
+
+Every returned score is exact; only the candidate set is approximate, and its
+recall against the exact engine is measured by the benchmark, not assumed.
 """
 from __future__ import annotations
 
@@ -20,27 +29,46 @@ from typing import Any
 import numpy as np
 import torch
 
-from prvr.config import SearchConfig
+from prvr.config import ANN_INDEX_TYPES, SearchConfig
 from prvr.errors import SearchIndexError
 from prvr.search.exact import SearchResult, as_queries, empty_result
-from prvr.search.index import VideoIndex, sha256_file
+from prvr.search.index import VideoIndex, advise_random, sha256_file
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
-           "rerank", "distinct_videos", "video_centroids", "centroid_index"]
+           "rerank", "best_videos", "distinct_videos", "fused_rows"]
 
-INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+INDEX_TYPES = ANN_INDEX_TYPES
 
 
-def ann_params(cfg: SearchConfig, n_vectors: int) -> dict[str, Any]:
+def ann_params(cfg: SearchConfig, n_vectors: int, alpha: float) -> dict[str, Any]:
     """The parameters an index is built with (nlist clamped so each list gets >= 39 points)."""
     if cfg.index_type not in INDEX_TYPES:
         raise SearchIndexError(f"search.index_type must be one of {INDEX_TYPES}, got {cfg.index_type!r}")
     nlist = max(1, min(cfg.nlist, n_vectors // 39))
     return {"index_type": cfg.index_type, "nlist": nlist, "nprobe": cfg.nprobe, "hnsw_m": cfg.hnsw_m,
-            "ef_search": cfg.ef_search, "pq_m": cfg.pq_m, "metric": "inner_product"}
+            "ef_search": cfg.ef_search, "pq_m": cfg.pq_m, "metric": "inner_product",
+            "vectors": "fused", "alpha": float(alpha), "refine_pq_m": cfg.refine_pq_m}
 
 
 def make_faiss_index(dim: int, params: dict[str, Any]) -> Any:
+    """The index `params` describe; with refine_pq_m, wrapped in an IndexRefine whose 8-bit PQ
+    (refine_pq_m bytes per clip, in RAM) re-scores the hits instead of the stored vectors."""
+    import faiss
+    base = _make_base_index(dim, params)
+    m = params.get("refine_pq_m") or 0
+    if not m:
+        return base
+    if dim % m:
+        raise SearchIndexError(f"search.refine_pq_m={m} must divide the vector size {dim}")
+    return faiss.IndexRefine(base, faiss.IndexPQ(dim, m, 8, faiss.METRIC_INNER_PRODUCT))
+
+
+def _base(index: Any) -> Any:
+    import faiss
+    return faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
+
+
+def _make_base_index(dim: int, params: dict[str, Any]) -> Any:
     import faiss
     kind, ip = params["index_type"], faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
@@ -54,30 +82,44 @@ def make_faiss_index(dim: int, params: dict[str, Any]) -> Any:
         return faiss.IndexIVFFlat(quantizer, dim, params["nlist"], ip)
     if dim % params["pq_m"]:
         raise SearchIndexError(f"search.pq_m={params['pq_m']} must divide the vector size {dim}")
+    if kind == "ivfpqfs":       # 4-bit codes scanned with SIMD lookup tables
+        return faiss.IndexIVFPQFastScan(quantizer, dim, params["nlist"], params["pq_m"], 4, ip)
     return faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"], 8, ip)
 
 
 def _set_search_params(index: Any, params: dict[str, Any]) -> None:
     import faiss
     if params["index_type"] == "hnsw":
-        index.hnsw.efSearch = params["ef_search"]
-    elif params["index_type"] in ("ivf", "ivfpq"):
+        _base(index).hnsw.efSearch = params["ef_search"]
+    elif params["index_type"] in ("ivf", "ivfpq", "ivfpqfs"):
         faiss.extract_index_ivf(index).nprobe = params["nprobe"]
 
 
-def train_and_add(clips: np.ndarray, params: dict[str, Any], chunk: int = 1 << 17,
-                  train_size: int = 1 << 17, seed: int = 0) -> Any:
-    """Build a faiss index over the rows of clips (N, K, H) (fp16/mmap read in chunks)."""
+def fused_rows(clips: np.ndarray, attended: np.ndarray, alpha: float, lo: int, hi: int) -> np.ndarray:
+    """alpha*c + (1-alpha)*a for flat rows lo:hi of (R, H) arrays (fp16/mmap): float32 (n, H)."""
+    c = torch.from_numpy(np.array(clips[lo:hi])).float()       # copies: mmaps are read-only
+    a = torch.from_numpy(np.array(attended[lo:hi])).float()
+    return (alpha * c + (1 - alpha) * a).numpy()
+
+
+def train_and_add(clips: np.ndarray, attended: np.ndarray, params: dict[str, Any], chunk: int = 1 << 17,
+                  train_size: int = 1 << 17, seed: int = 0, progress: bool = False) -> Any:
+    """Build a faiss index over the fused vectors of clips/attended (N, K, H), read in chunks."""
+    from tqdm import tqdm
+
     N, K, H = clips.shape
-    flat = clips.reshape(N * K, H)
+    fc, fa = clips.reshape(N * K, H), attended.reshape(N * K, H)
+    alpha = params["alpha"]
     index = make_faiss_index(H, params)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        n = min(len(flat), max(train_size, params["nlist"] * 39))
-        rows = np.sort(rng.choice(len(flat), n, replace=False))
-        index.train(np.ascontiguousarray(flat[rows], np.float32))
-    for i in range(0, len(flat), chunk):
-        index.add(np.ascontiguousarray(flat[i:i + chunk], np.float32))
+        n = min(len(fc), max(train_size, params["nlist"] * 39))
+        rows = np.sort(rng.choice(len(fc), n, replace=False))
+        index.train(alpha * np.asarray(fc[rows], np.float32) + (1 - alpha) * np.asarray(fa[rows], np.float32))
+    with tqdm(total=len(fc), desc=f"faiss {params['index_type']}", unit="clip", disable=not progress) as bar:
+        for i in range(0, len(fc), chunk):
+            index.add(fused_rows(fc, fa, alpha, i, i + chunk))
+            bar.update(min(chunk, len(fc) - i))
     _set_search_params(index, params)
     return index
 
@@ -87,11 +129,12 @@ def build_faiss_into(folder: str | Path, cfg: SearchConfig) -> dict[str, Any]:
     import faiss
     folder = Path(folder)
     clips = np.load(folder / "clips.npy", mmap_mode="r")
-    params = ann_params(cfg, clips.shape[0] * clips.shape[1])
-    t0 = time.perf_counter()
-    index = train_and_add(clips, params)
-    faiss.write_index(index, str(folder / "faiss.index"))
+    attended = np.load(folder / "attended.npy", mmap_mode="r")
     manifest = json.loads((folder / "manifest.json").read_text())
+    params = ann_params(cfg, clips.shape[0] * clips.shape[1], manifest.get("alpha", 0.7))
+    t0 = time.perf_counter()
+    index = train_and_add(clips, attended, params, progress=True)
+    faiss.write_index(index, str(folder / "faiss.index"))
     manifest["ann"] = {**params, "file": "faiss.index", "ntotal": int(index.ntotal),
                        "bytes": (folder / "faiss.index").stat().st_size,
                        "sha256": sha256_file(folder / "faiss.index"),
@@ -100,31 +143,32 @@ def build_faiss_into(folder: str | Path, cfg: SearchConfig) -> dict[str, Any]:
     return manifest["ann"]
 
 
-def video_centroids(attended: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
-    """Unit mean attended vector of each video: (N, K, H) -> float32 (N, H), read in chunks."""
-    N, _, H = attended.shape
-    out = np.empty((N, H), np.float32)
-    for i in range(0, N, chunk):
-        m = np.asarray(attended[i:i + chunk], np.float32).mean(1)
-        out[i:i + chunk] = m / np.maximum(np.linalg.norm(m, axis=-1, keepdims=True), 1e-12)
-    return out
-
-
-def centroid_index(attended: np.ndarray) -> Any:
-    """Exact inner-product index over the N video centroids, stored as fp16 (N x H x 2 bytes)."""
-    import faiss
-    H = attended.shape[-1]
-    index = faiss.IndexScalarQuantizer(H, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
-    index.train(np.zeros((1, H), np.float32))
-    index.add(video_centroids(attended))
-    return index
+def _gather(arr: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """float32 rows of a flat (R, H) array (fp16/fp32, maybe memory-mapped); rows sorted by caller."""
+    return torch.from_numpy(arr[rows]).float()
 
 
 def distinct_videos(labels: np.ndarray, K: int, need: int) -> list[np.ndarray]:
-    """Per row of clip labels (Q, n) (-1 = none), the first `need` distinct videos in rank order."""
+    """Per row of clip hits (Q, n) (-1 = none), the first `need` distinct videos in rank order."""
     out = []
     for row in labels:
         vids = row[row >= 0] // K
+        _, first = np.unique(vids, return_index=True)
+        out.append(vids[np.sort(first)][:need])
+    return out
+
+
+def best_videos(index: VideoIndex, q: torch.Tensor, labels: np.ndarray, need: int,
+                alpha: float) -> list[np.ndarray]:
+    """Per query, the `need` best distinct videos among its ANN clip hits (Q, L) (-1 = none),
+    ranked by the exact q.z of each hit (z recomputed from the stored arrays with `alpha`)."""
+    N, K, H = index.clips.shape
+    fc, fa = index.clips.reshape(N * K, H), index.attended.reshape(N * K, H)
+    out = []
+    for i, row in enumerate(labels):
+        rows = np.sort(row[row >= 0])                                          # sequential reads
+        z = alpha * (_gather(fc, rows) @ q[i]) + (1 - alpha) * (_gather(fa, rows) @ q[i])  # (L,)
+        vids = rows[np.argsort(-z.numpy(), kind="stable")] // K
         _, first = np.unique(vids, return_index=True)
         out.append(vids[np.sort(first)][:need])
     return out
@@ -138,9 +182,9 @@ def rerank(index: VideoIndex, q: torch.Tensor, cands: list[np.ndarray], k: int,
         if len(cand) == 0:
             continue
         cand = np.sort(cand)                                                   # sequential reads
-        c = torch.from_numpy(np.asarray(index.clips[cand], np.float32))        # (C, K, H) (a copy)
+        c = torch.from_numpy(index.clips[cand]).float()                        # (C, K, H)
         sc, key = (c @ q[i]).max(-1)                                           # (C,)
-        a = torch.from_numpy(np.asarray(index.attended[cand, key.numpy()], np.float32))  # (C, H)
+        a = torch.from_numpy(index.attended[cand, key.numpy()]).float()        # (C, H)
         fs = a @ q[i]
         fused = alpha * sc + (1 - alpha) * fs
         vals, o = fused.topk(min(k, len(cand)))
@@ -151,58 +195,63 @@ def rerank(index: VideoIndex, q: torch.Tensor, cands: list[np.ndarray], k: int,
 
 
 class FaissSearch:
-    """ANN candidates from faiss over clip vectors + exact re-ranking; same interface as ExactSearch.
+    """ANN candidates from faiss over fused clip vectors + exact re-ranking; same interface as
+    ExactSearch.
 
-    Uses `faiss.index` from the index folder when its parameters match `cfg`
+    Uses `faiss.index` from the index folder when it was built with `cfg`'s index type
     (else builds one in memory: slow for big corpora; build it with `prvr index build --ann`)."""
 
     def __init__(self, index: VideoIndex, cfg: SearchConfig, faiss_index: Any = None):
         import faiss
         self.index, self.cfg = index, cfg
         self.N, self.K = index.count, index.num_clips
-        self.params = ann_params(cfg, self.N * self.K)
+        self.params = ann_params(cfg, self.N * self.K, index.alpha)
         stored = (index.manifest or {}).get("ann")
         if faiss_index is None and stored and index.path is not None \
-                and stored.get("index_type") == cfg.index_type:
+                and stored.get("index_type") == cfg.index_type and stored.get("vectors") == "fused":
             f = index.path / stored["file"]
             if not f.is_file() or f.stat().st_size != stored.get("bytes"):
                 raise SearchIndexError(f"faiss index {f} is missing or truncated")
             faiss_index = faiss.read_index(str(f), faiss.IO_FLAG_MMAP if stored["bytes"] > 1 << 30 else 0)
-            self.params.update({k: stored[k] for k in ("nlist", "hnsw_m", "pq_m") if k in stored})
+            self.params.update({k: stored[k] for k in ("nlist", "hnsw_m", "pq_m", "alpha", "refine_pq_m")
+                                if k in stored})
         if faiss_index is None:
-            faiss_index = train_and_add(index.clips, self.params)
+            faiss_index = train_and_add(index.clips, index.attended, self.params)
         if faiss_index.ntotal != self.N * self.K:
             raise SearchIndexError(f"faiss index holds {faiss_index.ntotal} vectors, the video index "
                                    f"{self.N * self.K} clips: rebuild it")
         _set_search_params(faiss_index, self.params)
         self.faiss = faiss_index
-        self.frame_candidates = cfg.frame_candidates
-        self.centroids = centroid_index(index.attended) if self.frame_candidates > 0 else None
+        for arr in (index.clips, index.attended):   # re-ranking reads scattered rows: no readahead
+            advise_random(arr)
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor | np.ndarray, top_k: int = 10, alpha: float | None = None,
-               candidates: int | None = None) -> SearchResult:
+               candidates: int | None = None, refine: int | None = None) -> SearchResult:
         q = as_queries(queries)                                                # (Q, H)
         alpha = self.index.alpha if alpha is None else float(alpha)
         k = max(1, min(int(top_k), self.N))
         need = min(self.N, max(k, candidates or self.cfg.candidates))
         total = self.N * self.K
-        n = min(total, need * 2)
+        refine_n = min(total, max(refine or self.cfg.refine, 2 * need))
+        n = min(total, 2 * need) if self.params.get("refine_pq_m") else refine_n
         qn = np.ascontiguousarray(q.numpy())
         cands: list[np.ndarray] = [np.zeros(0, np.int64)] * len(q)
         todo = np.arange(len(q))
         while len(todo):
             if self.params["index_type"] == "hnsw":
-                self.faiss.hnsw.efSearch = max(self.params["ef_search"], n)
-            _, labels = self.faiss.search(qn[todo], n)                         # (q, n) clip rows
-            found = distinct_videos(labels, self.K, need)
+                _base(self.faiss).hnsw.efSearch = max(self.params["ef_search"], n)
+            if self.params.get("refine_pq_m"):     # faiss re-scores `refine` hits with its PQ
+                self.faiss.k_factor = max(1.0, refine_n / n)
+                _, labels = self.faiss.search(qn[todo], n)                     # (q, n) clip rows
+                found = distinct_videos(labels, self.K, need)
+            else:                                  # exact q.z of `refine` hits from the arrays
+                _, labels = self.faiss.search(qn[todo], n)
+                found = best_videos(self.index, q[todo], labels, need, alpha)
             short = []
             for j, i in enumerate(todo):
                 cands[i] = found[j]
                 if len(found[j]) < need and n < total and (labels[j] >= 0).all():
-                    short.append(i)
+                    short.append(i)                                            # too few videos: widen
             todo, n = np.array(short, dtype=np.int64), min(total, n * 4)
-        if self.centroids is not None:
-            _, by_frame = self.centroids.search(qn, min(self.N, self.frame_candidates))  # (Q, f)
-            cands = [np.union1d(c, f[f >= 0]) for c, f in zip(cands, by_frame)]
         return rerank(self.index, q, cands, k, alpha)

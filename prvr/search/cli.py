@@ -17,7 +17,7 @@ def encode_texts(checkpoint: str, texts: list[str], cfg: Any) -> tuple[Any, Any]
     from prvr.text import TextEncoder
 
     model, ckpt_cfg, ckpt = load_model(checkpoint)
-    encoder = TextEncoder(ckpt_cfg.text.encoder, max_tokens=ckpt_cfg.text.max_tokens)
+    encoder = TextEncoder.from_config(ckpt_cfg.text)
     trained_with = ckpt.get("text_encoder")
     if trained_with and trained_with != encoder.name:
         raise CheckpointError(f"{checkpoint} was trained on text features from {trained_with!r}; "
@@ -69,6 +69,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: Any) -> None:
     from prvr.cli import add_config_args
+    from prvr.config import ANN_INDEX_TYPES
     p = subparsers.add_parser("index", help="build or query a video index for fast retrieval",
                               description="Precompute the K clip and K attended vectors of every "
                                           "video, then search them exactly or approximately.")
@@ -81,7 +82,7 @@ def register_cli(subparsers: Any) -> None:
     b.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
     b.add_argument("--model-version", default=None,
                    help="version string recorded in the manifest (default: checkpoint sha256)")
-    b.add_argument("--ann", choices=["flat", "ivf", "hnsw", "ivfpq"], default=None,
+    b.add_argument("--ann", choices=list(ANN_INDEX_TYPES), default=None,
                    help="also build a faiss index of this type (parameters from search.*)")
     b.add_argument("--batch-size", type=int, default=64, help="videos encoded per batch")
     add_config_args(b)

@@ -5,6 +5,9 @@ the same ranking comes from two stages:
 
 1. Screening in bf16 (native AVX-512 BF16 matmuls, ~3-4x fp32 speed) of every
    clip and attended vector, with a rigorous error bound `eps` on each cosine.
+   A single query screens the clips in fp16 instead (a memory-bound matrix-vector
+   product: same bytes, 8x tighter bound) and, like any small batch, computes the
+   frame score only at the clips that may be its key clip, not over all K.
    From it each video gets an upper bound on its exact fused score (taking into
    account that the key clip may be any clip within 2*eps of the screened max).
 2. Exact fp32 re-scoring of the M best videos by that bound (only the clips that
@@ -33,6 +36,8 @@ __all__ = ["SearchResult", "ExactSearch", "bf16_supported", "as_queries",
 #   |q~.c~ - q.c| <= ||q~ - q|| ||c~|| + ||q|| ||c~ - c||  (input rounding, measured exactly)
 #                  + 2^-9 |x| (bf16 output rounding)  + H 2^-24 (fp32 accumulation).
 BF16_OUT_REL = 2.0 ** -9 * 1.01
+FP16_OUT_REL = 2.0 ** -11 * 1.01      # fp16 output rounding (fp32 accumulation: checked at init)
+FP16_COPY_MAX_BYTES = 1 << 30         # keep the single-query fp16 clip copy up to this size
 
 
 class SearchResult(NamedTuple):
@@ -99,15 +104,17 @@ class ExactSearch:
 
     precision: "auto" (bf16 screening + certified fp32 re-scoring when the CPU has
     native bf16, else fp32), "bf16" or "fp32" (chunked fp32 products only, no copy).
-    The bf16 path keeps a bf16 copy of both arrays in RAM (4 bytes per value pair)."""
+    The bf16 path keeps a bf16 copy of both arrays in RAM (4 bytes per value pair), and
+    for single queries an fp16 copy of the clips up to FP16_COPY_MAX_BYTES."""
 
     def __init__(self, index: VideoIndex, video_chunk: int = 4096, precision: str = "auto",
-                 margin: int = 32):
+                 margin: int = 32, gather_queries: int = 4, fp16_single: bool = True):
         if precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto | bf16 | fp32, got {precision!r}")
         self.index = index
         self.video_chunk = video_chunk
         self.margin = margin
+        self.gather_queries = gather_queries
         N, K, H = index.clips.shape
         self.N, self.K, self.H = N, K, H
         self._clips = index.clips.reshape(N * K, H)        # (N*K, H) views of the (mmap) arrays
@@ -118,18 +125,34 @@ class ExactSearch:
         if self.precision == "bf16":
             self._c16, self._c_err, self._c_norm = self._to_bf16(self._clips)   # (N*K, H) bfloat16
             self._a16, self._a_err, self._a_norm = self._to_bf16(self._attended)
+        self._c16h = None
+        if self.precision == "bf16" and fp16_single and N * K * H * 2 <= FP16_COPY_MAX_BYTES:
+            self._c16h, self._ch_err, self._ch_norm = self._to_bf16(self._clips, torch.float16)
+            if not self._fp16_accumulates_in_fp32():
+                self._c16h = None
 
     @staticmethod
-    def _to_bf16(arr: np.ndarray, rows: int = 1 << 16) -> tuple[torch.Tensor, float, float]:
-        """bf16 copy, max ||bf16(x) - x|| and max ||bf16(x)|| over rows (for the error bound)."""
-        out = torch.empty(arr.shape, dtype=torch.bfloat16)
+    def _to_bf16(arr: np.ndarray, dtype: torch.dtype = torch.bfloat16,
+                 rows: int = 1 << 16) -> tuple[torch.Tensor, float, float]:
+        """Low-precision copy, max ||low(x) - x|| and max ||low(x)|| over rows (for the bound)."""
+        out = torch.empty(arr.shape, dtype=dtype)
         err = norm = 0.0
         for i in range(0, arr.shape[0], rows):
             x = _tensor(arr[i:i + rows])
-            out[i:i + rows] = xb = x.to(torch.bfloat16)
+            out[i:i + rows] = xb = x.to(dtype)
             err = max(err, float((xb.float() - x).norm(dim=-1).max()))
             norm = max(norm, float(xb.float().norm(dim=-1).max()))
         return out, err * 1.001, norm * 1.001
+
+    def _fp16_accumulates_in_fp32(self, rows: int = 4096) -> bool:
+        """The fp16 bound assumes fp32 accumulation; a build that accumulates in fp16 would
+        break it, so check on real rows and drop the fp16 path if it does not hold."""
+        g = torch.Generator().manual_seed(0)
+        qh = F.normalize(torch.randn(4, self.H, generator=g), dim=-1).half()
+        c = self._c16h[:rows]
+        got = torch.stack([F.linear(qh[i:i + 1], c)[0] for i in range(len(qh))]).double()
+        ref = qh.double() @ c.double().T
+        return bool(((got - ref).abs() <= FP16_OUT_REL * ref.abs() + self.H * 2.0 ** -24).all())
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor | np.ndarray, top_k: int = 10,
@@ -185,22 +208,28 @@ class ExactSearch:
         qb = q.to(torch.bfloat16)
         dq = (qb.float() - q).norm(dim=-1) * 1.001                                         # (Q,)
         acc = H * 2.0 ** -24
-        e_c = (dq * self._c_norm + self._c_err + acc)[:, None]                            # (Q, 1)
         e_a = (dq * self._a_norm + self._a_err + acc)[:, None]
+        if Q == 1 and self._c16h is not None:            # one query: fp16 matrix-vector product
+            ql, clips, out_rel = q.half(), self._c16h, FP16_OUT_REL
+            dql = (ql.float() - q).norm(dim=-1) * 1.001
+            e_c = (dql * self._ch_norm + self._ch_err + acc)[:, None]                     # (Q, 1)
+        else:
+            ql, clips, out_rel = qb, self._c16, BF16_OUT_REL
+            e_c = (dq * self._c_norm + self._c_err + acc)[:, None]
         ub_val = torch.full((Q, 0), float("-inf"))
         ub_idx = torch.zeros((Q, 0), dtype=torch.long)
         near_sel = torch.zeros((Q, 0, K), dtype=torch.bool)
         for start in range(0, self.N, self.video_chunk):
             end = min(start + self.video_chunk, self.N)
             n = end - start
-            s = F.linear(qb, self._c16[start * K:end * K]).float().view(Q, n, K)          # (Q, n, K)
-            f = F.linear(qb, self._a16[start * K:end * K]).float().view(Q, n, K)
+            # fp32 copy first: reductions over the last dim are ~10x slower in bf16 on CPU
+            s = F.linear(ql, clips[start * K:end * K]).float().view(Q, n, K)               # (Q, n, K)
             smax = s.amax(-1)                                                              # (Q, n)
             # output rounding matters only near each video's max: |x| <= max|smax| + window
-            big = smax.abs().amax(1, keepdim=True) + 2 * (e_c + 2 * BF16_OUT_REL)         # (Q, 1)
-            err_c = e_c + BF16_OUT_REL * big
+            big = smax.abs().amax(1, keepdim=True) + 2 * (e_c + 2 * out_rel)              # (Q, 1)
+            err_c = e_c + out_rel * big
             near = s >= (smax - 2 * err_c)[..., None]       # clips that may be the exact key clip
-            fmax = torch.where(near, f, float("-inf")).amax(-1)                            # (Q, n)
+            fmax = self._frame_max(qb, near, start)                                        # (Q, n)
             ub = alpha * (smax + err_c) + (1 - alpha) * (fmax + e_a + BF16_OUT_REL * fmax.abs())
             v, i = ub.topk(min(keep, n), dim=1)
             ub_val, ub_idx = torch.cat([ub_val, v], 1), torch.cat([ub_idx, i + start], 1)
@@ -218,6 +247,22 @@ class ExactSearch:
             fix = self._search_fp32(q[bad], k, alpha)
             res = SearchResult(*(r.index_copy(0, bad, fx) for r, fx in zip(res, fix)))
         return res
+
+    def _frame_max(self, qb: torch.Tensor, near: torch.Tensor, start: int) -> torch.Tensor:
+        """Screened frame score max over each video's near-key clips (Q, n, K) -> (Q, n).
+
+        Few queries: gather only the near clips' attended vectors (about one per video),
+        half the memory traffic of a full product. Many: one bf16 product is cheaper."""
+        Q, n, K = near.shape
+        if Q > self.gather_queries:
+            f = F.linear(qb, self._a16[start * K:(start + n) * K]).float().view(Q, n, K)
+            return torch.where(near, f, float("-inf")).amax(-1)
+        qi, vi, ki = near.nonzero(as_tuple=True)                                           # (R,)
+        rows = self._a16.index_select(0, (vi + start) * K + ki).float()                   # (R, H)
+        fv = (rows @ qb.float().T).gather(1, qi[:, None]).squeeze(1)                       # (R,)
+        f = torch.full((Q, n * K), float("-inf"))
+        f[qi, vi * K + ki] = fv
+        return f.view(Q, n, K).amax(-1)
 
     def _rescore(self, q: torch.Tensor, cand: torch.Tensor, near: torch.Tensor, alpha: float,
                  k: int) -> SearchResult:

@@ -92,7 +92,7 @@ class MilvusSearch:
         q = as_queries(queries)                                                # (Q, H)
         alpha = self.index.alpha if alpha is None else float(alpha)
         k = max(1, min(int(top_k), self.N))
-        limit = min(self.N, MAX_GROUPS, max(k, candidates or self.cfg.candidates))
+        limit = min(self.N, MAX_GROUPS, max(k, candidates or self.cfg.milvus_candidates))
         hits = self.client.search(self.name, data=q.numpy().tolist(), anns_field="clip_vec", limit=limit,
                                   group_by_field="video", output_fields=["video", "clip", "att_vec"],
                                   search_params={"metric_type": "IP"})
