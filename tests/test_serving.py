@@ -58,6 +58,18 @@ def serving_artifacts(root: Path, encoder) -> SimpleNamespace:
     return _ARTIFACTS["a"]
 
 
+def start_serving(tmp_path_factory, name: str, encoder):
+    """A real TorchServe on free loopback ports serving v0001 of the shared artifacts."""
+    from prvr.packaging import TorchServe
+
+    art = serving_artifacts(tmp_path_factory.getbasetemp() / "serving-artifacts", encoder)
+    ts = TorchServe(tmp_path_factory.mktemp(name), art.store, {"prvr": art.mars["v0001"].name},
+                    free_ports=True)
+    ts.start(wait=180)
+    ts.art = art
+    return ts
+
+
 @pytest.fixture(scope="module")
 def art(tmp_path_factory, text_encoder):
     return serving_artifacts(tmp_path_factory.getbasetemp() / "serving-artifacts", text_encoder)

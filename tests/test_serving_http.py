@@ -13,7 +13,7 @@ import requests
 
 from prvr.config import ServeConfig
 from prvr.packaging import TorchServe
-from test_serving import serving_artifacts
+from test_serving import start_serving
 
 pytestmark = pytest.mark.integration
 SERVE = ServeConfig()
@@ -22,11 +22,7 @@ DIM = 384  # MiniLM token features
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, text_encoder):
-    art = serving_artifacts(tmp_path_factory.getbasetemp() / "serving-artifacts", text_encoder)
-    ts = TorchServe(tmp_path_factory.mktemp("ts-http"), art.store, {"prvr": art.mars["v0001"].name},
-                    free_ports=True)
-    ts.start(wait=180)
-    ts.art = art
+    ts = start_serving(tmp_path_factory, "ts-http", text_encoder)
     yield ts
     ts.stop()
 

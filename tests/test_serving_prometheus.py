@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from prvr.packaging import TorchServe, free_port
-from test_serving import serving_artifacts
+from helpers.servers import stop_process
+from prvr.packaging import free_port
+from test_serving import start_serving
 
 pytestmark = pytest.mark.integration
 PROMETHEUS_BIN = os.environ.get("PRVR_PROMETHEUS_BIN") or shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -68,22 +69,12 @@ class Prometheus:
         raise AssertionError(f"{expr}: last value {last} after {timeout} s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        stop_process(self.proc, self.log, timeout=15)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, text_encoder):
-    art = serving_artifacts(tmp_path_factory.getbasetemp() / "serving-artifacts", text_encoder)
-    ts = TorchServe(tmp_path_factory.mktemp("ts-prom"), art.store, {"prvr": art.mars["v0001"].name},
-                    free_ports=True)
-    ts.start(wait=180)
+    ts = start_serving(tmp_path_factory, "ts-prom", text_encoder)
     try:
         prom = Prometheus(tmp_path_factory.mktemp("prom"), ts.metrics_url.split("//", 1)[1])
     except Exception:

@@ -37,13 +37,12 @@ from prvr.search.index import VideoIndex, advise_random, sha256_file
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
            "rerank", "best_videos", "distinct_videos", "fused_rows"]
 
-INDEX_TYPES = ANN_INDEX_TYPES
 
 
 def ann_params(cfg: SearchConfig, n_vectors: int, alpha: float) -> dict[str, Any]:
     """The parameters an index is built with (nlist clamped so each list gets >= 39 points)."""
-    if cfg.index_type not in INDEX_TYPES:
-        raise SearchIndexError(f"search.index_type must be one of {INDEX_TYPES}, got {cfg.index_type!r}")
+    if cfg.index_type not in ANN_INDEX_TYPES:
+        raise SearchIndexError(f"search.index_type must be one of {ANN_INDEX_TYPES}, got {cfg.index_type!r}")
     nlist = max(1, min(cfg.nlist, n_vectors // 39))
     return {"index_type": cfg.index_type, "nlist": nlist, "nprobe": cfg.nprobe, "hnsw_m": cfg.hnsw_m,
             "ef_search": cfg.ef_search, "pq_m": cfg.pq_m, "metric": "inner_product",

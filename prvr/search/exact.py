@@ -123,16 +123,16 @@ class ExactSearch:
             else "fp32"
         self.stats = {"queries": 0, "fallbacks": 0}
         if self.precision == "bf16":
-            self._c16, self._c_err, self._c_norm = self._to_bf16(self._clips)   # (N*K, H) bfloat16
-            self._a16, self._a_err, self._a_norm = self._to_bf16(self._attended)
+            self._c16, self._c_err, self._c_norm = self._low_copy(self._clips)   # (N*K, H) bfloat16
+            self._a16, self._a_err, self._a_norm = self._low_copy(self._attended)
         self._c16h = None
         if self.precision == "bf16" and fp16_single and N * K * H * 2 <= FP16_COPY_MAX_BYTES:
-            self._c16h, self._ch_err, self._ch_norm = self._to_bf16(self._clips, torch.float16)
+            self._c16h, self._ch_err, self._ch_norm = self._low_copy(self._clips, torch.float16)
             if not self._fp16_accumulates_in_fp32():
                 self._c16h = None
 
     @staticmethod
-    def _to_bf16(arr: np.ndarray, dtype: torch.dtype = torch.bfloat16,
+    def _low_copy(arr: np.ndarray, dtype: torch.dtype = torch.bfloat16,
                  rows: int = 1 << 16) -> tuple[torch.Tensor, float, float]:
         """Low-precision copy, max ||low(x) - x|| and max ||low(x)|| over rows (for the bound)."""
         out = torch.empty(arr.shape, dtype=dtype)

@@ -40,6 +40,19 @@ def aws_test_env(monkeypatch) -> None:
         monkeypatch.delenv(key, raising=False)
 
 
+def stop_process(proc: subprocess.Popen, log=None, timeout: float = 10.0) -> None:
+    """Terminate, then kill after `timeout` s; close its log file."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if log is not None:
+        log.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,14 +153,7 @@ class Pushgateway:
             return resp.read().decode()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        stop_process(self.proc, self._log)
 
 
 def pushgateway_available() -> bool:
