@@ -1,12 +1,20 @@
 """Serving benchmark: REST latency / throughput through a real TorchServe, and the
 in-process split of one query into text encoding, query encoding and scoring.
 
-The corpus has the TVR test size (2,179 videos, K=32 clips, H=384) with random
-normalised embeddings: serving cost depends on the sizes, not on the values. The
-model is a real MS-SL++ checkpoint (``--checkpoint``; default a randomly initialised
-one with MiniLM text dims), and queries go through the real MiniLM text encoder.
+The corpus has the TVR test size (2,179 videos, K=32 clips, H=384), drawn like
+search_bench.py's (`--corpus structured`: the similarity structure of a trained index;
+`isotropic`: independent random vectors). The exact engine's cost depends only on the
+sizes; an ANN engine's recall depends on the structure. The model is a real MS-SL++
+checkpoint (``--checkpoint``; default a randomly initialised one with MiniLM text dims),
+and queries go through the real MiniLM text encoder.
+
+`--backend` picks the engine TorchServe serves with (exact, or faiss with `--refine` /
+`--candidates`); in process both engines are timed side by side, with the faiss top-10
+overlap against exact on search_bench.py's queries (noisy copies of a video's vectors:
+a random-init model's text queries carry no structure to measure recall with).
 
     python benchmarks/serve_bench.py --out runs/serve_bench.json [--videos 2179] [--requests 200]
+    python benchmarks/serve_bench.py --text-precision bfloat16 --backend faiss --refine 1000 --candidates 30
 """
 from __future__ import annotations
 
@@ -15,12 +23,17 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import search_bench  # noqa: E402 - the shared corpus generator
 
 QUERIES = ["a man opens the fridge", "a woman walks into the kitchen and sits down",
            "two people argue in the hallway", "someone picks up the phone and answers it",
@@ -47,7 +60,7 @@ def make_checkpoint(path: Path, text_dim: int, encoder_name: str, video_dim: int
     return path
 
 
-def make_index(checkpoint: Path, out: Path, videos: int, version: str) -> Path:
+def make_index(checkpoint: Path, out: Path, videos: int, version: str, corpus: str = "structured") -> Path:
     from prvr.evaluate import load_model
     from prvr.model import VideoEmbeddings
     from prvr.registry import sha256_file
@@ -55,9 +68,12 @@ def make_index(checkpoint: Path, out: Path, videos: int, version: str) -> Path:
 
     _, cfg, ckpt = load_model(checkpoint)
     K, H, U = cfg.model.cluster_num, cfg.model.hidden_size, cfg.model.map_size
+    if (K, H) != (search_bench.K, search_bench.H):
+        raise SystemExit(f"the corpus generator makes K={search_bench.K} x H={search_bench.H}; "
+                         f"the checkpoint has K={K}, H={H}")
+    vectors = search_bench.make_corpus(videos, 1, "float32", None, kind=corpus)
+    clips, attended = torch.from_numpy(np.asarray(vectors.clips)), torch.from_numpy(np.asarray(vectors.attended))
     g = torch.Generator().manual_seed(1)
-    clips = torch.randn(videos, K, H, generator=g)
-    attended = torch.randn(videos, K, H, generator=g)
     start = torch.randint(0, U, (videos, K, 1), generator=g)
     spans = torch.cat([start, (start + 1 + torch.randint(0, 4, (videos, K, 1), generator=g)).clamp_max(U)], -1)
     frames = torch.randint(64, 400, (videos,), generator=g)
@@ -65,6 +81,30 @@ def make_index(checkpoint: Path, out: Path, videos: int, version: str) -> Path:
                                        [f"video{i:05d}" for i in range(videos)], out, model_version=version,
                                        map_size=U, alpha=cfg.model.alpha, checkpoint_sha256=sha256_file(checkpoint),
                                        text_encoder=ckpt["text_encoder"])
+
+
+def engines_side_by_side(retriever, search_cfg, n: int) -> dict:
+    """Single-query scoring time of the exact and faiss engines on the served index, and the
+    faiss top-10 overlap with exact on search_bench's structured queries."""
+    from prvr.search import ExactSearch, FaissSearch
+
+    index = retriever.index
+    q = search_bench.make_queries(index, n, 2)
+    exact = ExactSearch(index)
+    t0 = time.perf_counter()
+    ann = FaissSearch(index, search_cfg)
+    build_s = time.perf_counter() - t0
+    out = {"faiss_build_s": build_s, "faiss_refine": search_cfg.refine, "faiss_candidates": search_cfg.candidates}
+    for name, eng in (("exact", exact), ("faiss", ann)):
+        eng.search(q[:1], 10)
+        ms = []
+        for i in range(n):
+            t = time.perf_counter()
+            eng.search(q[i:i + 1], 10)
+            ms.append(1e3 * (time.perf_counter() - t))
+        out[f"{name}_scoring_ms"] = {"p50": statistics.median(ms), "p99": pct(ms, 99)}
+    out["faiss_overlap10"] = search_bench.overlap(ann.search(q, 10).video_idx, exact.search(q, 10).video_idx, 10)
+    return out
 
 
 def in_process(retriever, n: int) -> dict:
@@ -156,12 +196,22 @@ def main(argv: list[str] | None = None) -> int:
                         "default serve.threads")
     p.add_argument("--text-precision", default="float32", choices=("float32", "bfloat16"),
                    help="text.precision of the (random) checkpoint: the MiniLM's matmul precision")
+    p.add_argument("--corpus", default="structured", choices=("structured", "isotropic"),
+                   help="corpus vectors, as in search_bench.py (recall depends on it, exact speed does not)")
+    p.add_argument("--backend", default=None, choices=("exact", "faiss"),
+                   help="engine served (default search.backend); faiss uses --refine / --candidates")
+    p.add_argument("--refine", type=int, default=None, help="faiss hits re-scored per query (search.refine)")
+    p.add_argument("--candidates", type=int, default=None, help="videos re-ranked exactly (search.candidates)")
     p.add_argument("--no-rest", action="store_true", help="skip TorchServe (in-process numbers only)")
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
 
     from prvr.config import load_config
-    threads = args.threads or load_config(None).serve.threads
+    cfg = load_config(None)
+    for key in ("backend", "refine", "candidates"):
+        if getattr(args, key) is not None:
+            setattr(cfg.search, key, getattr(args, key))
+    threads = args.threads or cfg.serve.threads
     torch.set_num_threads(threads)
     os.environ["PRVR_TORCH_THREADS"] = str(threads)      # inherited by the TorchServe worker
     from prvr.packaging import TorchServe, build_archive
@@ -173,17 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(tmp / "model.pt", encoder.dim, encoder.name,
                                                                           text_precision=args.text_precision)
-        index = make_index(ckpt, tmp / "index", args.videos, "bench")
-        retriever = Retriever.load(ckpt, index, "bench", encoder=encoder)
-        result = {"videos": args.videos, "torch_threads": torch.get_num_threads(),
-                  "text_encoder": encoder.name,
+        index = make_index(ckpt, tmp / "index", args.videos, "bench", args.corpus)
+        retriever = Retriever.load(ckpt, index, "bench", encoder=encoder, search_cfg=cfg.search)
+        result = {"videos": args.videos, "corpus": args.corpus, "torch_threads": torch.get_num_threads(),
+                  "text_encoder": encoder.name, "backend": cfg.search.backend,
                   "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                   "cpus": len(__import__("os").sched_getaffinity(0)),
                   "load_avg_at_start": list(__import__("os").getloadavg()),
-                  "in_process": in_process(retriever, args.requests)}
+                  "in_process": in_process(retriever, args.requests),
+                  "engines": engines_side_by_side(retriever, cfg.search, args.requests)}
         del retriever
         if not args.no_rest:
-            cfg = load_config(None)
             mar = build_archive(ckpt, index, tmp / "store", "bench", cfg=cfg)
             with TorchServe(tmp / "ts", tmp / "store", {"prvr": mar.name}, free_ports=True) as ts:
                 result["rest"] = rest(ts, args.requests, args.clients, args.per_client)
@@ -200,13 +250,19 @@ def main(argv: list[str] | None = None) -> int:
             ("  CPU time: query encoding", ip["cpu_ms"]["query"]),
             ("  CPU time: scoring", ip["cpu_ms"]["score"]),
             ("  CPU time: total (all threads)", ip["cpu_ms"]["total"])]
-    print(f"corpus {args.videos} videos x 32 clips x 384; text encoder {encoder.name}; "
-          f"torch threads {result['torch_threads']}; "
+    print(f"corpus {args.videos} videos x 32 clips x 384 ({args.corpus}); text encoder {encoder.name}; "
+          f"served engine {cfg.search.backend}; torch threads {result['torch_threads']}; "
           f"load avg {result['load_avg_at_start'][0]:.1f} -> {result['load_avg_at_end'][0]:.1f}")
     print(f"{'':44}{'p50 ms':>10}{'p99 ms':>10}")
     for name, v in rows:
         print(f"{name:44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
     print(f"{'in-process scoring, batch of 64 (per query)':44}{ip['scoring_batched_64_ms_per_query']:>10.2f}")
+    en = result["engines"]
+    for name in ("exact", "faiss"):
+        v = en[f"{name}_scoring_ms"]
+        print(f"{'  scoring 1 query, ' + name + ' engine':44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
+    print(f"  faiss (refine {en['faiss_refine']}, candidates {en['faiss_candidates']}): top-10 overlap with "
+          f"exact {en['faiss_overlap10']:.3f} on structured queries; built in {en['faiss_build_s']:.1f} s")
     if "rest" in result:
         s, c = result["rest"]["sequential"], result["rest"]["concurrent"]
         print(f"{'REST single text query, end to end':44}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}")

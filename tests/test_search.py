@@ -179,6 +179,20 @@ def test_faiss_flat_equals_exact_and_hnsw_recall(tmp_path):
     assert overlaps["ivfpqfs+pq"] >= 0.85, overlaps
 
 
+def test_faiss_reranks_from_an_fp16_index(tmp_path):
+    """Re-scoring gathers rows of fp16 (memory-mapped) arrays as fp32: same ranking as exact."""
+    pytest.importorskip("faiss")
+    emb = _emb(200, K=8, H=32, dup=False)
+    index = VideoIndex.load(_write(emb, tmp_path / "idx", dtype="float16"))
+    assert index.clips.dtype == np.float16
+    q = _queries(emb, 20)
+    exact = ExactSearch(index, precision="fp32").search(q, 10)
+    flat = make_engine(index, SearchConfig(backend="faiss", index_type="flat", candidates=200)).search(q, 10)
+    assert torch.equal(flat.video_idx, exact.video_idx)
+    assert torch.allclose(flat.fused, exact.fused, atol=1e-5)
+    assert torch.equal(flat.key_clip, exact.key_clip)
+
+
 @pytest.mark.integration
 def test_milvus_matches_exact(tmp_path):
     pytest.importorskip("pymilvus")

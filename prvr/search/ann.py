@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,12 @@ def build_faiss_into(folder: str | Path, cfg: SearchConfig) -> dict[str, Any]:
 
 
 def _gather(arr: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-    """float32 rows of a flat (R, H) array (fp16/fp32, maybe memory-mapped); rows sorted by caller."""
-    return torch.from_numpy(arr[rows]).float()
+    """float32 rows of a flat (R, H) array (fp16/fp32, maybe memory-mapped); rows sorted by caller.
+    torch's index_select copies rows in parallel: ~5x numpy's fancy indexing here."""
+    with warnings.catch_warnings():                 # read-only mmaps: the view is only read
+        warnings.simplefilter("ignore", UserWarning)
+        view = torch.from_numpy(np.asarray(arr))
+    return view.index_select(0, torch.from_numpy(np.asarray(rows, np.int64))).float()
 
 
 def distinct_videos(labels: np.ndarray, K: int, need: int) -> list[np.ndarray]:
@@ -176,15 +181,16 @@ def best_videos(index: VideoIndex, q: torch.Tensor, labels: np.ndarray, need: in
 def rerank(index: VideoIndex, q: torch.Tensor, cands: list[np.ndarray], k: int,
            alpha: float) -> SearchResult:
     """Exact fused scores of each query's candidate videos (all K clips + the key's attended)."""
+    N, K, H = index.clips.shape
+    fc, fa = index.clips.reshape(N * K, H), index.attended.reshape(N * K, H)
     res = empty_result(len(q), k)
     for i, cand in enumerate(cands):
         if len(cand) == 0:
             continue
         cand = np.sort(cand)                                                   # sequential reads
-        c = torch.from_numpy(index.clips[cand]).float()                        # (C, K, H)
+        c = _gather(fc, (cand[:, None] * K + np.arange(K)).reshape(-1)).view(len(cand), K, H)  # (C, K, H)
         sc, key = (c @ q[i]).max(-1)                                           # (C,)
-        a = torch.from_numpy(index.attended[cand, key.numpy()]).float()        # (C, H)
-        fs = a @ q[i]
+        fs = _gather(fa, cand * K + key.numpy()) @ q[i]                        # (C,)
         fused = alpha * sc + (1 - alpha) * fs
         vals, o = fused.topk(min(k, len(cand)))
         n = len(o)
