@@ -14,7 +14,7 @@ overlap against exact on search_bench.py's queries (noisy copies of a video's ve
 a random-init model's text queries carry no structure to measure recall with).
 
     python benchmarks/serve_bench.py --out runs/serve_bench.json [--videos 2179] [--requests 200]
-    python benchmarks/serve_bench.py --text-precision bfloat16 --backend faiss --refine 1000 --candidates 30
+    python benchmarks/serve_bench.py --threads 1 --text-precision bfloat16 --backend faiss --refine 1000 --candidates 30
 """
 from __future__ import annotations
 
