@@ -245,11 +245,11 @@ def bench_size(N: int, args: argparse.Namespace) -> dict:
             continue
         cfg = SearchConfig(backend="faiss", index_type=kind, nlist=args.nlist, nprobe=args.nprobe,
                            ef_search=args.ef_search, candidates=args.candidates, pq_m=args.pq_m,
-                           refine=args.refine, refine_pq_m=args.refine_pq_m)
+                           refine=args.refine, refine_codes=args.refine_codes)
         fi, row[f"{kind}_build_s"] = build_ann(index, cfg, N, big, args)
         if big:     # serve as a fresh process would: only the pages the searches touch are mapped
             index = make_corpus(N, args.seed, dtype, Path(args.workdir), kind=args.corpus)
-        row[f"{kind}_refine"] = f"pq{args.refine_pq_m} in RAM" if args.refine_pq_m else "exact from arrays"
+        row[f"{kind}_refine"] = "exact from arrays" if args.refine_codes == "arrays" else f"{args.refine_codes} in RAM"
         eng = FaissSearch(index, cfg, faiss_index=fi)
         nq = len(gt.video_idx)
         res = eng.search(q[:nq], 100, candidates=max(100, args.candidates))
@@ -274,7 +274,7 @@ def build_ann(index: VideoIndex, cfg: SearchConfig, N: int, big: bool, args: arg
     takes ~15 minutes on 2 cores), reporting the build time of the run that made it."""
     import faiss
     params = ann_params(cfg, N * K, index.alpha)
-    tag = "_".join(str(params[k]) for k in ("index_type", "nlist", "pq_m", "refine_pq_m", "alpha"))
+    tag = "_".join(str(params[k]) for k in ("index_type", "nlist", "pq_m", "refine_codes", "alpha"))
     path = Path(args.workdir) / f"{args.corpus}_{N}_{tag}.faiss"
     if big and path.exists():
         return faiss.read_index(str(path)), json.loads(path.with_suffix(".json").read_text())["build_s"]
@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef-search", type=int, default=128)
     p.add_argument("--pq-m", type=int, default=96)
     p.add_argument("--refine", type=int, default=2000, help="ANN clip hits re-scored exactly per query")
-    p.add_argument("--refine-pq-m", type=int, default=0,
-                   help="re-score ANN hits with an in-RAM 8-bit PQ of this many bytes per clip "
-                        "(0: exactly, from the stored arrays)")
+    p.add_argument("--refine-codes", default="arrays",
+                   help="what re-scores the ANN hits: arrays (exactly, from the stored arrays), or a copy "
+                        "of z in RAM: fp16, sq8, pq<M> (8-bit PQ, M bytes per clip)")
     p.add_argument("--candidates", type=int, default=50, help="videos re-ranked exactly after ANN")
     p.add_argument("--milvus-candidates", type=int, default=200, help="videos by best clip (Milvus)")
     p.add_argument("--ivf-max", type=int, default=10000, help="skip IVF-Flat above this size")

@@ -14,7 +14,8 @@ overlap against exact on search_bench.py's queries (noisy copies of a video's ve
 a random-init model's text queries carry no structure to measure recall with).
 
     python benchmarks/serve_bench.py --out runs/serve_bench.json [--videos 2179] [--requests 200]
-    python benchmarks/serve_bench.py --threads 1 --text-precision bfloat16 --backend faiss --refine 1000 --candidates 30
+    python benchmarks/serve_bench.py --threads 1 --text-precision bfloat16 --backend faiss --refine 1000 \
+        --candidates 30 --refine-codes fp16
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_bench  # noqa: E402 - the shared corpus generator
+from prvr.cli import add_config_args, config_from_args  # noqa: E402
 
 QUERIES = ["a man opens the fridge", "a woman walks into the kitchen and sits down",
            "two people argue in the hallway", "someone picks up the phone and answers it",
@@ -94,7 +96,8 @@ def engines_side_by_side(retriever, search_cfg, n: int) -> dict:
     t0 = time.perf_counter()
     ann = FaissSearch(index, search_cfg)
     build_s = time.perf_counter() - t0
-    out = {"faiss_build_s": build_s, "faiss_refine": search_cfg.refine, "faiss_candidates": search_cfg.candidates}
+    out = {"faiss_build_s": build_s, "faiss_refine": search_cfg.refine, "faiss_candidates": search_cfg.candidates,
+           "faiss_refine_codes": search_cfg.refine_codes}
     for name, eng in (("exact", exact), ("faiss", ann)):
         eng.search(q[:1], 10)
         ms = []
@@ -159,13 +162,16 @@ def worker_means(ts) -> dict:
 def rest(ts, n: int, clients: int, per_client: int) -> dict:
     import requests
 
-    lat = []
+    lat, stages = [], {}
     with requests.Session() as s:
         for i in range(n + 5):
             t = time.perf_counter()
             r = ts.infer({"query": QUERIES[i % len(QUERIES)] + f" {i}", "top_k": 10}, session=s)
             if i >= 5:
                 lat.append(time.perf_counter() - t)
+                for part in r.headers["Server-Timing"].split(", "):    # the worker's own stage times
+                    stage, dur = part.split(";dur=")
+                    stages.setdefault(stage, []).append(float(dur))
             assert r.status_code == 200, r.text
     inside = worker_means(ts)
 
@@ -179,7 +185,9 @@ def rest(ts, n: int, clients: int, per_client: int) -> dict:
         codes = [c for cs in pool.map(client, range(clients)) for c in cs]
     elapsed = time.perf_counter() - t0
     return {"sequential": {"requests": n, "p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * pct(lat, 99),
-                           "mean_ms": 1e3 * statistics.mean(lat), "inside_worker_mean": inside},
+                           "mean_ms": 1e3 * statistics.mean(lat), "inside_worker_mean": inside,
+                           "inside_worker_ms": {k: {"p50": statistics.median(v), "p99": pct(v, 99)}
+                                                for k, v in stages.items()}},
             "concurrent": {"clients": clients, "requests": len(codes), "errors": sum(c != 200 for c in codes),
                            "seconds": elapsed, "throughput_rps": len(codes) / elapsed}}
 
@@ -202,13 +210,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="engine served (default search.backend); faiss uses --refine / --candidates")
     p.add_argument("--refine", type=int, default=None, help="faiss hits re-scored per query (search.refine)")
     p.add_argument("--candidates", type=int, default=None, help="videos re-ranked exactly (search.candidates)")
+    p.add_argument("--refine-codes", default=None,
+                   help="what re-scores the faiss hits (search.refine_codes): arrays, fp16, sq8, pq<M>")
     p.add_argument("--no-rest", action="store_true", help="skip TorchServe (in-process numbers only)")
+    p.add_argument("--ts-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a serving/config.properties entry for the run (repeatable)")
+    add_config_args(p)
     p.add_argument("--out", default=None, help="write the results JSON here")
     args = p.parse_args(argv)
 
-    from prvr.config import load_config
-    cfg = load_config(None)
-    for key in ("backend", "refine", "candidates"):
+    cfg = config_from_args(args)
+    for key in ("backend", "refine", "candidates", "refine_codes"):
         if getattr(args, key) is not None:
             setattr(cfg.search, key, getattr(args, key))
     threads = args.threads or cfg.serve.threads
@@ -235,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         del retriever
         if not args.no_rest:
             mar = build_archive(ckpt, index, tmp / "store", "bench", cfg=cfg)
-            with TorchServe(tmp / "ts", tmp / "store", {"prvr": mar.name}, free_ports=True) as ts:
+            ts_set = dict(kv.split("=", 1) for kv in args.ts_set)
+            with TorchServe(tmp / "ts", tmp / "store", {"prvr": mar.name}, overrides=ts_set, free_ports=True) as ts:
                 result["rest"] = rest(ts, args.requests, args.clients, args.per_client)
                 result["rest"]["batch_size"], result["rest"]["max_batch_delay_ms"] = \
                     cfg.serve.batch_size, cfg.serve.max_batch_delay_ms
+                result["rest"]["torchserve_overrides"] = ts_set
         result["load_avg_at_end"] = list(__import__("os").getloadavg())
 
     ip = result["in_process"]
@@ -261,11 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("exact", "faiss"):
         v = en[f"{name}_scoring_ms"]
         print(f"{'  scoring 1 query, ' + name + ' engine':44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
-    print(f"  faiss (refine {en['faiss_refine']}, candidates {en['faiss_candidates']}): top-10 overlap with "
+    print(f"  faiss (refine {en['faiss_refine']} with {en['faiss_refine_codes']}, candidates "
+          f"{en['faiss_candidates']}): top-10 overlap with "
           f"exact {en['faiss_overlap10']:.3f} on structured queries; built in {en['faiss_build_s']:.1f} s")
     if "rest" in result:
         s, c = result["rest"]["sequential"], result["rest"]["concurrent"]
         print(f"{'REST single text query, end to end':44}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}")
+        for stage in ("encode", "score"):
+            v = s["inside_worker_ms"][stage]
+            print(f"{'  inside the worker (Server-Timing): ' + stage:44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
         print("  inside the worker, mean ms per request: " + ", ".join(
             f"{k[:-3]} {v:.2f}" for k, v in sorted(s["inside_worker_mean"].items())))
         print(f"REST throughput: {c['throughput_rps']:.1f} req/s with {c['clients']} clients "

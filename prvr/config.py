@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,7 @@ class EvalConfig:
 
 
 ANN_INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq", "ivfpqfs")     # search.index_type (faiss)
+REFINE_CODES = re.compile(r"arrays|fp16|sq8|pq[1-9][0-9]*")         # search.refine_codes
 
 # Keys older checkpoints and archives may still carry; read and ignored.
 RETIRED_KEYS = frozenset({"search.frame_candidates"})
@@ -125,7 +127,7 @@ class SearchConfig:
     ef_search: int = 128
     pq_m: int = 96
     refine: int = 2000
-    refine_pq_m: int = 0
+    refine_codes: str = "arrays"
     candidates: int = 50
     milvus_candidates: int = 200
     milvus_uri: str | None = None
@@ -176,6 +178,8 @@ class Config:
             if not isinstance(values, dict):
                 raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
             for key, value in values.items():
+                if f"{section}.{key}" == "search.refine_pq_m":    # before refine_codes: 0 or pq<M>
+                    key, value = "refine_codes", f"pq{value}" if value else "arrays"
                 if f"{section}.{key}" not in RETIRED_KEYS:
                     _set(cfg, f"{section}.{key}", value)
         cfg.validate()
@@ -208,6 +212,9 @@ class Config:
             raise ConfigError(f"text.precision must be float32 or bfloat16, got {self.text.precision!r}")
         if self.search.dtype not in ("float32", "float16"):
             raise ConfigError(f"search.dtype must be float32 or float16, got {self.search.dtype!r}")
+        if not REFINE_CODES.fullmatch(str(self.search.refine_codes)):
+            raise ConfigError(f"search.refine_codes must be arrays, fp16, sq8 or pq<M> (M bytes per clip), "
+                              f"got {self.search.refine_codes!r}")
 
     @property
     def num_spans(self) -> int:

@@ -24,6 +24,7 @@ def test_overrides_are_typed():
     ("train.nope=1", "unknown config key"), ("nope.lr=1", "unknown config section"),
     ("train.epochs=1.5", "integer"), ("model.variant=bert", "model.variant"),
     ("model.alpha=2", "alpha"), ("train.lr", "section.key=value"),
+    ("search.refine_codes=pq0", "refine_codes"), ("search.refine_codes=fp8", "refine_codes"),
 ])
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -36,6 +37,11 @@ def test_retired_keys_of_older_checkpoints_are_ignored():
     assert cfg.search.candidates == 40 and not hasattr(cfg.search, "frame_candidates")
     with pytest.raises(ConfigError, match="unknown config key"):
         Config.from_dict({"search": {"frame_candidatez": 100}})
+
+
+def test_refine_pq_m_of_older_configs_becomes_refine_codes():
+    assert Config.from_dict({"search": {"refine_pq_m": 96}}).search.refine_codes == "pq96"
+    assert Config.from_dict({"search": {"refine_pq_m": 0}}).search.refine_codes == "arrays"
 
 
 def test_cwd_params_file_wins(tmp_path, monkeypatch):

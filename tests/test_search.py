@@ -166,7 +166,7 @@ def test_faiss_flat_equals_exact_and_hnsw_recall(tmp_path):
         overlaps[kind] = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10
                                   for a, b in zip(res.video_idx, exact.video_idx)])
     refined = make_engine(index, SearchConfig(backend="faiss", index_type="ivfpqfs", nlist=16, nprobe=16,
-                                              pq_m=8, refine_pq_m=8, candidates=40, refine=400))
+                                              pq_m=8, refine_codes="pq8", candidates=40, refine=400))
     assert refined.faiss.__class__.__name__ == "IndexRefine"
     res = refined.search(q, 10)
     ref = score(q, emb.clips, emb.attended, 0.7).fused.gather(1, res.video_idx.clamp_min(0))
@@ -191,6 +191,34 @@ def test_faiss_reranks_from_an_fp16_index(tmp_path):
     assert torch.equal(flat.video_idx, exact.video_idx)
     assert torch.allclose(flat.fused, exact.fused, atol=1e-5)
     assert torch.equal(flat.key_clip, exact.key_clip)
+
+
+def test_faiss_refine_codes_rescore_hits_in_faiss_and_follow_the_config(tmp_path):
+    """refine_codes fp16/sq8: faiss re-scores the hits from its own copy of z (an IndexRefine);
+    the stored file's codes give way to the config's, both ways, and scores stay exact."""
+    import faiss
+    pytest.importorskip("faiss")
+    emb = _emb(300, K=8, H=32, dup=False)
+    built = SearchConfig(index_type="ivfpqfs", nlist=8, nprobe=8, pq_m=8, refine_codes="fp16")
+    index = VideoIndex.load(_write(emb, tmp_path / "idx", ann=built))
+    assert index.manifest["ann"]["refine_codes"] == "fp16"
+    q = _queries(emb, 20)
+    exact = ExactSearch(index, precision="fp32").search(q, 10)
+    ref = score(q, emb.clips, emb.attended, 0.7).fused
+    results = {}
+    for codes in ("fp16", "sq8", "arrays"):
+        eng = make_engine(index, SearchConfig(backend="faiss", index_type="ivfpqfs", nprobe=8,
+                                              refine_codes=codes, refine=400, candidates=40))
+        assert isinstance(eng.faiss, faiss.IndexRefine) == (codes != "arrays"), codes
+        assert eng.params["refine_codes"] == codes
+        res = results[codes] = eng.search(q, 10)
+        assert torch.allclose(res.fused, ref.gather(1, res.video_idx), atol=1e-5)   # exact scores
+    # every list probed and 400 of 2,400 clips re-scored: the codes change only ties at the margin
+    for codes, res in results.items():
+        agree = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10
+                         for a, b in zip(res.video_idx, exact.video_idx)])
+        assert agree >= 0.95, (codes, agree)
+    assert torch.equal(results["fp16"].video_idx, results["arrays"].video_idx)
 
 
 @pytest.mark.integration

@@ -322,9 +322,17 @@ def test_service_without_metrics_cache(retriever):
 
         def set_response_content_type(self, idx, value):
             pass
+
+        def set_response_header(self, idx, key, value):
+            self.headers[idx] = (key, value)
     ctx = Ctx()
+    ctx.headers = {}
     out = TorchServeService(retriever).handle([{"body": {"query": "x"}}, {"body": b"{"}], ctx)
     assert ctx.status == {0: 200, 1: 415} and len(out) == 2   # raw bytes without a type: not JSON
+    key, value = ctx.headers[0]
+    stages = dict(part.split(";dur=") for part in value.split(", "))
+    assert key == "Server-Timing" and set(stages) == {"parse", "encode", "score"}
+    assert float(stages["encode"]) > 0 and float(stages["score"]) > 0
 
 
 # --------------------------------------------------------------------------- archive

@@ -41,7 +41,12 @@ def worker_pids(ts: TorchServe, version: str | None = None) -> list[int]:
 
 
 def test_query_round_trip(server):
-    body = ok(server, top_k=5)
+    r = server.infer({"query": "a man opens the fridge", "top_k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # the worker's stage times, per request, in ms (W3C Server-Timing)
+    stages = dict(part.split(";dur=") for part in r.headers["Server-Timing"].split(", "))
+    assert set(stages) == {"parse", "encode", "score"} and float(stages["encode"]) > 0
     assert body["model_version"] == "v0001" and body["corpus_size"] == 30 and body["top_k"] == 5
     videos = body["results"][0]["videos"]
     assert len(videos) == 5 and videos[0]["moment"]["unit"] == "frames"

@@ -12,7 +12,7 @@ import pytest
 import prvr.cli
 from prvr.data import Collection
 from prvr.errors import PrvrError
-from prvr.text import TextEncoder, resolve_encoder
+from prvr.text import LeanBert, TextEncoder, resolve_encoder
 
 SENTENCES = ["A woman in a red coat opens the fridge in the kitchen.", "hi",
              "In the kitchen, the lady grabs a mug and then walks slowly " * 4, ""]
@@ -92,6 +92,31 @@ def test_lean_forward_equals_transformers(text_encoder):
             batch = text_encoder.tokenizer([sentence], truncation=True, max_length=30, return_tensors="pt")
             ref = text_encoder.model(**batch).last_hidden_state[0].numpy()
             np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_prepacked_linears_keep_the_features(text_encoder):
+    """oneDNN-prepacked weights (CPU) give the plain F.linear features; in bf16 both match
+    transformers under autocast, so the lean forward casts exactly where autocast does."""
+    import torch
+    lean = text_encoder._forward
+    assert lean.prepack and all(layer[2] is not None for layer in lean.layers[0][:2])
+    plain = LeanBert(text_encoder.model, prepack=False)
+    assert not plain.prepack
+    low = LeanBert(text_encoder.model, torch.bfloat16)
+    with torch.inference_mode():
+        batch = text_encoder.tokenizer(SENTENCES, padding=True, truncation=True, max_length=30,
+                                       return_tensors="pt")
+        keep = batch["attention_mask"].bool()
+        torch.testing.assert_close(lean(**batch)[keep], plain(**batch)[keep], atol=1e-4, rtol=1e-4)
+        for sentence in SENTENCES:                   # unpadded: transformers masks differently
+            one = text_encoder.tokenizer([sentence], truncation=True, max_length=30, return_tensors="pt")
+            if one["input_ids"].shape[1] > 16:       # its bf16 attention kernel changes at 30 tokens
+                continue
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref = text_encoder.model(**one).last_hidden_state.float()
+            got = low(**one)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+            assert (got - lean(**one)).abs().max() > 1e-3         # it really ran in bf16
 
 
 def test_bf16_precision_is_another_encoder(text_encoder):
