@@ -24,6 +24,7 @@ recall against the exact engine is measured by the benchmark, not assumed.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import warnings
@@ -35,7 +36,7 @@ import torch
 
 from prvr.config import ANN_INDEX_TYPES, SearchConfig
 from prvr.errors import SearchIndexError
-from prvr.search.exact import SearchResult, as_queries, empty_result
+from prvr.search.exact import SearchResult, as_queries
 from prvr.search.index import VideoIndex, advise_random, sha256_file
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
@@ -179,7 +180,7 @@ def _gather(arr: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     return view.index_select(0, torch.from_numpy(np.asarray(rows, np.int64))).float()
 
 
-def _dots(arr: np.ndarray, rows: np.ndarray, q: torch.Tensor) -> torch.Tensor:
+def _dots(arr: np.ndarray, rows: np.ndarray, q: torch.Tensor) -> np.ndarray:
     """q . arr[rows] for a flat (R, H) array and one query (H,): float32 (len(rows),).
 
     fp32 arrays go to faiss, which reads each row once and writes only the dot products (one
@@ -188,22 +189,23 @@ def _dots(arr: np.ndarray, rows: np.ndarray, q: torch.Tensor) -> torch.Tensor:
     import faiss
     rows = np.asarray(rows, np.int64)
     if arr.dtype != np.float32 or not arr.flags.c_contiguous:
-        return _gather(arr, rows) @ q
+        return (_gather(arr, rows) @ q).numpy()
     x = np.ascontiguousarray(q.numpy(), np.float32)
     out = np.empty(len(rows), np.float32)
     faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(np.asarray(arr)),
                                      faiss.swig_ptr(rows), arr.shape[1], 1, len(rows))
-    return torch.from_numpy(out)
+    return out
+
+
+def _first_distinct(videos: np.ndarray, need: int) -> np.ndarray:
+    """The first `need` distinct values of `videos`, in order (a dict keeps insertion order:
+    cheaper than np.unique's sort for the ~1,000 hits of one query)."""
+    return np.fromiter(itertools.islice(dict.fromkeys(videos.tolist()), need), np.int64)
 
 
 def distinct_videos(labels: np.ndarray, K: int, need: int) -> list[np.ndarray]:
     """Per row of clip hits (Q, n) (-1 = none), the first `need` distinct videos in rank order."""
-    out = []
-    for row in labels:
-        vids = row[row >= 0] // K
-        _, first = np.unique(vids, return_index=True)
-        out.append(vids[np.sort(first)][:need])
-    return out
+    return [_first_distinct(row[row >= 0] // K, need) for row in labels]
 
 
 def best_videos(index: VideoIndex, q: torch.Tensor, labels: np.ndarray, need: int,
@@ -216,30 +218,32 @@ def best_videos(index: VideoIndex, q: torch.Tensor, labels: np.ndarray, need: in
     for i, row in enumerate(labels):
         rows = np.sort(row[row >= 0])                                          # sequential reads
         z = alpha * _dots(fc, rows, q[i]) + (1 - alpha) * _dots(fa, rows, q[i])  # (L,)
-        vids = rows[np.argsort(-z.numpy(), kind="stable")] // K
-        _, first = np.unique(vids, return_index=True)
-        out.append(vids[np.sort(first)][:need])
+        out.append(_first_distinct(rows[np.argsort(-z, kind="stable")] // K, need))
     return out
 
 
 def rerank(index: VideoIndex, q: torch.Tensor, cands: list[np.ndarray], k: int,
            alpha: float) -> SearchResult:
-    """Exact fused scores of each query's candidate videos (all K clips + the key's attended)."""
+    """Exact fused scores of each query's candidate videos (all K clips + the key's attended).
+    numpy, not torch: a few dozen values per query, where torch's per-op overhead dominates."""
     N, K, H = index.clips.shape
     fc, fa = index.clips.reshape(N * K, H), index.attended.reshape(N * K, H)
-    res = empty_result(len(q), k)
+    video_idx, key_clip = np.full((len(q), k), -1, np.int64), np.zeros((len(q), k), np.int64)
+    fused, clip, frame = (np.full((len(q), k), -np.inf, np.float32) for _ in range(3))
     for i, cand in enumerate(cands):
         if len(cand) == 0:
             continue
         cand = np.sort(cand)                                                   # sequential reads
-        sc, key = _dots(fc, (cand[:, None] * K + np.arange(K)).reshape(-1), q[i]).view(len(cand), K).max(-1)
-        fs = _dots(fa, cand * K + key.numpy(), q[i])                           # (C,)
-        fused = alpha * sc + (1 - alpha) * fs
-        vals, o = fused.topk(min(k, len(cand)))
+        every = _dots(fc, (cand[:, None] * K + np.arange(K)).reshape(-1), q[i]).reshape(len(cand), K)
+        key = every.argmax(1)                                                  # (C,) first best clip
+        sc = every[np.arange(len(cand)), key]                                  # (C,)
+        fs = _dots(fa, cand * K + key, q[i])                                   # (C,)
+        f = alpha * sc + (1 - alpha) * fs
+        o = np.argsort(-f, kind="stable")[:k]
         n = len(o)
-        res.video_idx[i, :n] = torch.from_numpy(cand)[o]
-        res.fused[i, :n], res.clip[i, :n], res.frame[i, :n], res.key_clip[i, :n] = vals, sc[o], fs[o], key[o]
-    return res
+        video_idx[i, :n], fused[i, :n], clip[i, :n], frame[i, :n], key_clip[i, :n] = \
+            cand[o], f[o], sc[o], fs[o], key[o]
+    return SearchResult(*(torch.from_numpy(a) for a in (video_idx, fused, clip, frame, key_clip)))
 
 
 class FaissSearch:
