@@ -445,17 +445,17 @@ def _data_version(dataset_dir: Path, record: Mapping[str, Any] | None) -> str | 
     return None
 
 
-def _build_index(checkpoint: Path, data_path: Path, cfg: Config, out_dir: Path) -> tuple[Path | None, str]:
-    """The test-split video index for serving, when prvr.search is installed."""
-    # HOOK(search): prvr.search.build_index is written in parallel; until it exists the
-    # registry version carries no index and the decision says so.
-    try:
-        from prvr.search import build_index
-    except ImportError as exc:
-        return None, f"index skipped: prvr.search.build_index unavailable ({exc})"
+def _build_index(checkpoint: Path, data_path: Path, cfg: Config, out_dir: Path) -> tuple[Path, str]:
+    """The test-split video index for serving; with `search.backend: faiss` its faiss index
+    too (`search.index_type`, `search.refine_codes`), else every serving worker would train
+    one when it loads."""
+    from prvr.search import build_index
+
     shutil.rmtree(out_dir, ignore_errors=True)
-    path = build_index(checkpoint, data_path, cfg.eval.split, out_dir, cfg)
-    return Path(path), f"index of the {cfg.eval.split} split built with the {cfg.search.backend} backend"
+    ann = cfg.search.index_type if cfg.search.backend == "faiss" else None
+    path = build_index(checkpoint, data_path, cfg.eval.split, out_dir, cfg, ann_type=ann)
+    inside = f" with a faiss {ann} index" if ann else ""
+    return Path(path), f"index of the {cfg.eval.split} split{inside}, for the {cfg.search.backend} backend"
 
 
 def _trained_config(checkpoint: Path, cfg: Config) -> dict[str, Any]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -165,6 +166,21 @@ def test_register_step_gate_and_decision_file(trained: dict, tmp_path: Path) -> 
     assert "not registered" in stages.format_decision(second)
     with pytest.raises(PrvrError, match="checkpoint not found"):
         stages.register_step(tmp_path / "none", ev["metrics"], root / "ds", cfg, uri, 0.0)
+
+
+def test_register_step_builds_the_faiss_index_the_served_config_needs(trained: dict, tmp_path: Path) -> None:
+    """search.backend faiss: the registered index carries faiss.index with the configured
+    re-score codes, so serving workers load it instead of training one."""
+    root = trained["root"]
+    cfg = dataclasses.replace(trained["cfg"], search=dataclasses.replace(
+        trained["cfg"].search, backend="faiss", pq_m=8, refine_codes="fp16"))
+    ev = stages.evaluate_step(root / "ds", root / "run", tmp_path / "ev", cfg)
+    uri = f"file://{tmp_path / 'registry'}"
+    out = stages.register_step(root / "run", ev["metrics"], root / "ds", cfg, uri, 0.0, out_dir=tmp_path / "reg")
+    assert out["promoted"] and "faiss ivfpqfs" in out["index_note"]
+    manifest = json.loads((tmp_path / "reg" / "index" / "manifest.json").read_text())
+    assert manifest["ann"]["index_type"] == "ivfpqfs" and manifest["ann"]["refine_codes"] == "fp16"
+    assert "index/faiss.index" in Registry(uri).show(cfg.registry.model_name, out["version"])["files"]
 
 
 def test_stages_push_run_metrics_when_gateway_set(trained: dict, tmp_path: Path, monkeypatch) -> None:
