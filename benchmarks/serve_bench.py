@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("backend", "refine", "candidates", "refine_codes"):
         if getattr(args, key) is not None:
             setattr(cfg.search, key, getattr(args, key))
+    cfg.validate()
     threads = args.threads or cfg.serve.threads
     torch.set_num_threads(threads)
     os.environ["PRVR_TORCH_THREADS"] = str(threads)      # inherited by the TorchServe worker

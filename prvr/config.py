@@ -178,8 +178,8 @@ class Config:
             if not isinstance(values, dict):
                 raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
             for key, value in values.items():
-                if f"{section}.{key}" == "search.refine_pq_m":    # before refine_codes: 0 or pq<M>
-                    key, value = "refine_codes", f"pq{value}" if value else "arrays"
+                if f"{section}.{key}" == "search.refine_pq_m" and "refine_codes" in values:
+                    continue                                      # the newer key wins
                 if f"{section}.{key}" not in RETIRED_KEYS:
                     _set(cfg, f"{section}.{key}", value)
         cfg.validate()
@@ -265,6 +265,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
+    if dotted == "search.refine_pq_m":        # before search.refine_codes: 0 or pq<M>
+        dotted, value = "search.refine_codes", f"pq{value}" if value else "arrays"
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ConfigError(f"config key {dotted!r} must be section.key")

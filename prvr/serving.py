@@ -431,7 +431,8 @@ def request_from_torchserve(row: dict[str, Any], context: Any, idx: int) -> Requ
 
 def server_timing(timings: dict[str, float]) -> str:
     """W3C Server-Timing value of a batch's stages in ms (`parse;dur=0.02, encode;dur=6.9, ...`):
-    per-request times the metrics histograms' 5 ms buckets cannot resolve, visible to any client."""
+    the times of the batch a request was in (a lone request's own), which the metrics
+    histograms' 5 ms buckets cannot resolve, visible to any client."""
     return ", ".join(f"{stage};dur={1e3 * timings.get(stage, 0.0):.3f}" for stage in ("parse", "encode", "score"))
 
 
@@ -491,7 +492,8 @@ class TorchServeService:
             phrase = "OK" if a.status == 200 else a.body.get("error", "error")
             context.set_response_status(a.status, phrase, i)
             context.set_response_content_type(i, "application/json")
-            context.set_response_header(i, "Server-Timing", server_timing(timings))
+            if a.status == 200:                      # a refused request took no part in them
+                context.set_response_header(i, "Server-Timing", server_timing(timings))
             out.append(json.dumps(a.body))
         elapsed = time.perf_counter() - t0
         for a in answers:

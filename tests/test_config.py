@@ -42,6 +42,8 @@ def test_retired_keys_of_older_checkpoints_are_ignored():
 def test_refine_pq_m_of_older_configs_becomes_refine_codes():
     assert Config.from_dict({"search": {"refine_pq_m": 96}}).search.refine_codes == "pq96"
     assert Config.from_dict({"search": {"refine_pq_m": 0}}).search.refine_codes == "arrays"
+    assert Config.from_dict({"search": {"refine_codes": "fp16", "refine_pq_m": 0}}).search.refine_codes == "fp16"
+    assert load_config(None, ["search.refine_pq_m=8"]).search.refine_codes == "pq8"
 
 
 def test_cwd_params_file_wins(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from prvr.config import SearchConfig, load_config
 from prvr.errors import SearchIndexError
 from prvr.model import VideoEmbeddings, score
 from prvr.search import ExactSearch, VideoIndex, build_index_from_embeddings, make_engine
+from prvr.search.ann import FaissSearch, ann_params, train_and_add
 from prvr.search import index as index_mod
 from prvr.search.exact import bf16_supported
 
@@ -196,8 +197,7 @@ def test_faiss_reranks_from_an_fp16_index(tmp_path):
 def test_faiss_refine_codes_rescore_hits_in_faiss_and_follow_the_config(tmp_path):
     """refine_codes fp16/sq8: faiss re-scores the hits from its own copy of z (an IndexRefine);
     the stored file's codes give way to the config's, both ways, and scores stay exact."""
-    import faiss
-    pytest.importorskip("faiss")
+    faiss = pytest.importorskip("faiss")
     emb = _emb(300, K=8, H=32, dup=False)
     built = SearchConfig(index_type="ivfpqfs", nlist=8, nprobe=8, pq_m=8, refine_codes="fp16")
     index = VideoIndex.load(_write(emb, tmp_path / "idx", ann=built))
@@ -219,6 +219,12 @@ def test_faiss_refine_codes_rescore_hits_in_faiss_and_follow_the_config(tmp_path
                          for a, b in zip(res.video_idx, exact.video_idx)])
         assert agree >= 0.95, (codes, agree)
     assert torch.equal(results["fp16"].video_idx, results["arrays"].video_idx)
+    # the codes an index object carries count, not the config's claim about it
+    plain = train_and_add(index.clips, index.attended, ann_params(built, 300 * 8, index.alpha) | {"refine_codes": "arrays"})
+    given = FaissSearch(index, SearchConfig(backend="faiss", nprobe=8, refine_codes="fp16"), faiss_index=plain)
+    assert isinstance(given.faiss, faiss.IndexRefine) and given.params["refine_codes"] == "fp16"
+    with pytest.raises(SearchIndexError, match="refine_codes"):
+        make_engine(index, SearchConfig(backend="faiss", refine_codes="fp8"))
 
 
 @pytest.mark.integration

@@ -329,6 +329,7 @@ def test_service_without_metrics_cache(retriever):
     ctx.headers = {}
     out = TorchServeService(retriever).handle([{"body": {"query": "x"}}, {"body": b"{"}], ctx)
     assert ctx.status == {0: 200, 1: 415} and len(out) == 2   # raw bytes without a type: not JSON
+    assert 1 not in ctx.headers                                  # the refused one: no stage times
     key, value = ctx.headers[0]
     stages = dict(part.split(";dur=") for part in value.split(", "))
     assert key == "Server-Timing" and set(stages) == {"parse", "encode", "score"}

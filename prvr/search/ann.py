@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from prvr.config import ANN_INDEX_TYPES, SearchConfig
+from prvr.config import ANN_INDEX_TYPES, REFINE_CODES, SearchConfig
 from prvr.errors import SearchIndexError
 from prvr.search.exact import SearchResult, as_queries
 from prvr.search.index import VideoIndex, advise_random, sha256_file
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
-           "rerank", "best_videos", "distinct_videos", "fused_rows", "refine_codes_of"]
+           "rerank", "best_videos", "distinct_videos", "fused_rows"]
 
 
 def ann_params(cfg: SearchConfig, n_vectors: int, alpha: float) -> dict[str, Any]:
@@ -53,25 +53,20 @@ def ann_params(cfg: SearchConfig, n_vectors: int, alpha: float) -> dict[str, Any
             "vectors": "fused", "alpha": float(alpha), "refine_codes": cfg.refine_codes}
 
 
-def refine_codes_of(params: dict[str, Any]) -> str:
-    """The re-score codes an index was built with (manifests before refine_codes: refine_pq_m)."""
-    if "refine_codes" in params:
-        return params["refine_codes"]
-    return f"pq{params['refine_pq_m']}" if params.get("refine_pq_m") else "arrays"
-
-
 def make_faiss_index(dim: int, params: dict[str, Any]) -> Any:
     """The index `params` describe; with refine codes, wrapped in an IndexRefine whose second copy
     of z (in RAM) re-scores the hits instead of the stored arrays."""
     import faiss
     base = _make_base_index(dim, params)
-    store = _make_refine_store(dim, refine_codes_of(params))
+    store = _make_refine_store(dim, params.get("refine_codes", "arrays"))
     return base if store is None else faiss.IndexRefine(base, store)
 
 
 def _make_refine_store(dim: int, codes: str) -> Any:
     """fp16 (2 bytes per dim, ~exact), sq8 (1 byte per dim) or pq<M> (M bytes per clip); None = arrays."""
     import faiss
+    if not REFINE_CODES.fullmatch(str(codes)):
+        raise SearchIndexError(f"search.refine_codes must be arrays, fp16, sq8 or pq<M>, got {codes!r}")
     ip = faiss.METRIC_INNER_PRODUCT
     if codes == "arrays":
         return None
@@ -88,6 +83,18 @@ def _make_refine_store(dim: int, codes: str) -> Any:
 def _base(index: Any) -> Any:
     import faiss
     return faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
+
+
+def _codes_of(index: Any) -> str:
+    """The re-score codes a faiss index carries: `arrays` when it is not an IndexRefine."""
+    import faiss
+    if not isinstance(index, faiss.IndexRefine):
+        return "arrays"
+    store = faiss.downcast_index(index.refine_index)
+    if isinstance(store, faiss.IndexPQ):
+        return f"pq{store.pq.M}"
+    kinds = {faiss.ScalarQuantizer.QT_fp16: "fp16", faiss.ScalarQuantizer.QT_8bit: "sq8"}
+    return kinds.get(store.sq.qtype, "other") if isinstance(store, faiss.IndexScalarQuantizer) else "other"
 
 
 def _make_base_index(dim: int, params: dict[str, Any]) -> Any:
@@ -268,13 +275,13 @@ class FaissSearch:
                 raise SearchIndexError(f"faiss index {f} is missing or truncated")
             faiss_index = faiss.read_index(str(f), faiss.IO_FLAG_MMAP if stored["bytes"] > 1 << 30 else 0)
             self.params.update({k: stored[k] for k in ("nlist", "hnsw_m", "pq_m", "alpha") if k in stored})
-            self.params["refine_codes"] = refine_codes_of(stored)
         if faiss_index is None:
             faiss_index = train_and_add(index.clips, index.attended, self.params)
         if faiss_index.ntotal != self.N * self.K:
             raise SearchIndexError(f"faiss index holds {faiss_index.ntotal} vectors, the video index "
                                    f"{self.N * self.K} clips: rebuild it")
         self.faiss = self._with_refine_codes(faiss_index, cfg.refine_codes)
+        self.params["refine_codes"] = _codes_of(self.faiss)
         _set_search_params(self.faiss, self.params)
         if isinstance(self.faiss, faiss.IndexRefine):
             self.faiss.k_factor = 1.0               # re-score exactly the hits asked for
@@ -282,19 +289,18 @@ class FaissSearch:
             advise_random(arr)
 
     def _with_refine_codes(self, faiss_index: Any, codes: str) -> Any:
-        """`faiss_index` re-scoring its hits with `codes` (its base alone for `arrays`)."""
+        """`faiss_index` re-scoring its hits with `codes` (its base alone for `arrays`); codes it
+        carries but the config does not ask for are freed with it."""
         import faiss
-        if refine_codes_of(self.params) == codes:
+        if _codes_of(faiss_index) == codes:
             return faiss_index
         base = _base(faiss_index)
-        self.params["refine_codes"] = codes
+        if base is not faiss_index:                  # a copy of the base: the old codes are freed
+            base = faiss.clone_index(base)
         store = _make_refine_store(base.d, codes)
         if store is None:
-            self._parts = (faiss_index,)            # the IndexRefine owns `base`: keep it alive
             return base
-        _fill(store, self.index.clips, self.index.attended, self.params)
-        self._parts = (faiss_index, store)          # IndexRefine does not own what it wraps
-        return faiss.IndexRefine(base, store)
+        return faiss.IndexRefine(base, _fill(store, self.index.clips, self.index.attended, self.params))
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor | np.ndarray, top_k: int = 10, alpha: float | None = None,
@@ -305,7 +311,7 @@ class FaissSearch:
         need = min(self.N, max(k, candidates or self.cfg.candidates))
         total = self.N * self.K
         n = min(total, max(refine or self.cfg.refine, 2 * need))
-        in_faiss = self.params["refine_codes"] != "arrays"
+        in_faiss = self.params["refine_codes"] != "arrays"           # an IndexRefine re-scores
         qn = np.ascontiguousarray(q.numpy())
         cands: list[np.ndarray] = [np.zeros(0, np.int64)] * len(q)
         todo = np.arange(len(q))
