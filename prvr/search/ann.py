@@ -159,6 +159,7 @@ def _fill(index: Any, clips: np.ndarray, attended: np.ndarray, params: dict[str,
             bar.update(min(chunk, len(fc) - i))
     return index
 
+
 def build_faiss_into(folder: str | Path, cfg: SearchConfig) -> dict[str, Any]:
     """Add `faiss.index` to an index folder (not yet swapped in) and record it in the manifest."""
     import faiss
