@@ -75,6 +75,17 @@ def _check_inputs(checkpoint: Path, index_dir: Path, version: str) -> tuple[dict
     return ckpt, manifest
 
 
+def _with_faiss_index(index_dir: Path, cfg: Config, manifest: dict) -> None:
+    """Build the faiss index `cfg.search` asks for into the archive's copy of the video index
+    when it lacks it, so workers load it instead of training one at start-up."""
+    stored = manifest.get("ann") or {}
+    wanted = {"index_type": cfg.search.index_type, "refine_codes": cfg.search.refine_codes, "vectors": "fused"}
+    if all(stored.get(k, "arrays" if k == "refine_codes" else None) == v for k, v in wanted.items()):
+        return
+    from prvr.search.ann import build_faiss_into
+    build_faiss_into(index_dir, cfg.search)
+
+
 def build_archive(checkpoint: str | Path, index_dir: str | Path, out_dir: str | Path, version: str,
                   model_name: str = "prvr", cfg: Config | None = None) -> Path:
     """Write ``out_dir/<model_name>-<version>.mar``; returns its path (replaced atomically)."""
@@ -87,6 +98,8 @@ def build_archive(checkpoint: str | Path, index_dir: str | Path, out_dir: str | 
         tmp = Path(tmp)
         bundle = tmp / "bundle"
         shutil.copytree(index_dir, bundle / "index")
+        if cfg.search.backend == "faiss":
+            _with_faiss_index(bundle / "index", cfg, index_manifest)
         serve = {
             "format": 1, "model_name": model_name, "model_version": version,
             "checkpoint": "model.pt", "index": "index",

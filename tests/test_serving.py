@@ -350,6 +350,24 @@ def test_archive_contents(art):
     assert manifest["model"]["modelVersion"] == "v0002" and manifest["model"]["modelName"] == "prvr"
 
 
+def test_archive_for_the_faiss_engine_carries_its_faiss_index(art, tmp_path):
+    """search.backend faiss: the archive's index gets the faiss index the config asks for
+    (the source index has none), and the served answers keep exact scores."""
+    from prvr.packaging import build_archive
+
+    assert not (art.index / "faiss.index").exists()
+    cfg = Config.from_dict({"search": {"backend": "faiss", "index_type": "flat", "refine_codes": "fp16"}})
+    mar = build_archive(art.checkpoint, art.index, tmp_path / "store", "v0007", cfg=cfg)
+    with zipfile.ZipFile(mar) as z:
+        assert "index/faiss.index" in z.namelist()
+        ann = json.loads(z.read("index/manifest.json"))["ann"]
+        z.extractall(tmp_path / "unpacked")
+    assert ann["index_type"] == "flat" and ann["refine_codes"] == "fp16"
+    assert not (art.index / "faiss.index").exists()                  # the source index is untouched
+    served = Retriever.from_model_dir(tmp_path / "unpacked")
+    assert served.engine.__class__.__name__ == "FaissSearch" and served.engine.params["refine_codes"] == "fp16"
+
+
 def test_archive_refuses_foreign_index(art, tmp_path, text_encoder):
     from prvr.data import Collection
     from prvr.packaging import build_archive
