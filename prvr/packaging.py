@@ -78,12 +78,11 @@ def _check_inputs(checkpoint: Path, index_dir: Path, version: str) -> tuple[dict
 def _with_faiss_index(index_dir: Path, cfg: Config, manifest: dict) -> None:
     """Build the faiss index `cfg.search` asks for into the archive's copy of the video index
     when it lacks it, so workers load it instead of training one at start-up."""
-    stored = manifest.get("ann") or {}
-    wanted = {"index_type": cfg.search.index_type, "refine_codes": cfg.search.refine_codes, "vectors": "fused"}
-    if all(stored.get(k, "arrays" if k == "refine_codes" else None) == v for k, v in wanted.items()):
-        return
-    from prvr.search.ann import build_faiss_into
-    build_faiss_into(index_dir, cfg.search)
+    from prvr.search.ann import build_faiss_into, stored_ann_fits
+
+    stored = manifest.get("ann")
+    if not (stored_ann_fits(stored, cfg.search) and stored.get("refine_codes", "arrays") == cfg.search.refine_codes):
+        build_faiss_into(index_dir, cfg.search)
 
 
 def build_archive(checkpoint: str | Path, index_dir: str | Path, out_dir: str | Path, version: str,

@@ -40,7 +40,7 @@ from prvr.search.exact import SearchResult, as_queries
 from prvr.search.index import VideoIndex, advise_random, sha256_file
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
-           "rerank", "best_videos", "distinct_videos", "fused_rows"]
+           "rerank", "best_videos", "distinct_videos", "fused_rows", "stored_ann_fits"]
 
 
 def ann_params(cfg: SearchConfig, n_vectors: int, alpha: float) -> dict[str, Any]:
@@ -51,6 +51,12 @@ def ann_params(cfg: SearchConfig, n_vectors: int, alpha: float) -> dict[str, Any
     return {"index_type": cfg.index_type, "nlist": nlist, "nprobe": cfg.nprobe, "hnsw_m": cfg.hnsw_m,
             "ef_search": cfg.ef_search, "pq_m": cfg.pq_m, "metric": "inner_product",
             "vectors": "fused", "alpha": float(alpha), "refine_codes": cfg.refine_codes}
+
+
+def stored_ann_fits(stored: dict[str, Any] | None, cfg: SearchConfig) -> bool:
+    """Whether an index manifest's faiss entry is of the type `cfg` asks for, over fused vectors
+    (its re-score codes are checked separately: they can be swapped without a rebuild)."""
+    return bool(stored) and stored.get("index_type") == cfg.index_type and stored.get("vectors") == "fused"
 
 
 def make_faiss_index(dim: int, params: dict[str, Any]) -> Any:
@@ -70,14 +76,18 @@ def _make_refine_store(dim: int, codes: str) -> Any:
     ip = faiss.METRIC_INNER_PRODUCT
     if codes == "arrays":
         return None
-    if codes == "fp16":
-        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip)
-    if codes == "sq8":
-        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, ip)
+    if codes in _sq_types():
+        return faiss.IndexScalarQuantizer(dim, _sq_types()[codes], ip)
     m = int(codes[2:])
     if dim % m:
         raise SearchIndexError(f"search.refine_codes={codes}: {m} must divide the vector size {dim}")
     return faiss.IndexPQ(dim, m, 8, ip)
+
+
+def _sq_types() -> dict[str, int]:
+    """Scalar-quantizer re-score codes by name (faiss is imported lazily)."""
+    import faiss
+    return {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
 
 
 def _base(index: Any) -> Any:
@@ -93,8 +103,9 @@ def _codes_of(index: Any) -> str:
     store = faiss.downcast_index(index.refine_index)
     if isinstance(store, faiss.IndexPQ):
         return f"pq{store.pq.M}"
-    kinds = {faiss.ScalarQuantizer.QT_fp16: "fp16", faiss.ScalarQuantizer.QT_8bit: "sq8"}
-    return kinds.get(store.sq.qtype, "other") if isinstance(store, faiss.IndexScalarQuantizer) else "other"
+    if isinstance(store, faiss.IndexScalarQuantizer):
+        return next((name for name, qtype in _sq_types().items() if qtype == store.sq.qtype), "other")
+    return "other"
 
 
 def _make_base_index(dim: int, params: dict[str, Any]) -> Any:
@@ -260,8 +271,8 @@ class FaissSearch:
 
     Uses `faiss.index` from the index folder when it was built with `cfg`'s index type
     (else builds one in memory: slow for big corpora; build it with `prvr index build --ann`).
-    `cfg.refine_codes` wins over the stored file's: its refine store is dropped, or one is
-    built in memory (seconds for a TVR-sized corpus)."""
+    `cfg.refine_codes` wins over the codes the stored file carries: those are freed (the base
+    index is kept as a copy) and the asked ones built in memory (seconds for a TVR-sized corpus)."""
 
     def __init__(self, index: VideoIndex, cfg: SearchConfig, faiss_index: Any = None):
         import faiss
@@ -269,8 +280,7 @@ class FaissSearch:
         self.N, self.K = index.count, index.num_clips
         self.params = ann_params(cfg, self.N * self.K, index.alpha)
         stored = (index.manifest or {}).get("ann")
-        if faiss_index is None and stored and index.path is not None \
-                and stored.get("index_type") == cfg.index_type and stored.get("vectors") == "fused":
+        if faiss_index is None and index.path is not None and stored_ann_fits(stored, cfg):
             f = index.path / stored["file"]
             if not f.is_file() or f.stat().st_size != stored.get("bytes"):
                 raise SearchIndexError(f"faiss index {f} is missing or truncated")
