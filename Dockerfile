@@ -59,8 +59,9 @@ RUN groupadd --system --gid 1000 prvr \
 
 COPY --from=builder /opt/venv /opt/venv
 
+# Settings: the defaults ship inside the package (prvr/params.yaml); a params.yaml mounted
+# into /app, PRVR_<SECTION>__<KEY> variables or --set change them.
 WORKDIR /app
-COPY --chown=1000:1000 params.yaml ./
 RUN chown 1000:1000 /app
 
 USER 1000:1000

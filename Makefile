@@ -1,6 +1,6 @@
 # prvr developer entry points. Every install goes through requirements.lock,
 # the one place versions are pinned (torch==2.13.0 CPU wheel included).
-#   make test    install (once) and run the whole test suite
+#   make test    install (once), check the import layers and run the whole test suite
 #   make demo    end-to-end demo on synthetic data
 #   make serve   start TorchServe with the registered production model
 #   make lint    hadolint the Dockerfile
@@ -32,9 +32,11 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(BIN)/prvr demo
 
-# pytest exits 5 when nothing was collected; that must fail the build too (make
-# fails on any non-zero status, so 5 is never swallowed here).
+# The import layers first (pyproject.toml [tool.importlinter]: a module imports only from the
+# layers below it), then the suite. pytest exits 5 when nothing was collected; that must fail
+# the build too (make fails on any non-zero status, so 5 is never swallowed here).
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 # Package the registry's production model (`make demo` registers one) into

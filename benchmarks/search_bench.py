@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prvr.config import SearchConfig
+from prvr.config import SearchConfig, default_config
 from prvr.search.ann import FaissSearch, ann_params, train_and_add
 from prvr.search.exact import ExactSearch
 from prvr.search.index import VideoIndex
 
 K, H, T = 32, 384, 128
+ALPHA = default_config().model.alpha    # the synthetic corpora stand for a model trained with params.yaml
 
 
 def rss_gib() -> float:
@@ -122,7 +123,7 @@ def make_corpus(N: int, seed: int, dtype: str, workdir: Path | None, chunk: int 
     if workdir is None:
         parts = [corpus_chunk(min(chunk, N - s), gen, dt, structure) for s in range(0, N, chunk)]
         return VideoIndex.from_arrays(np.concatenate([p[0] for p in parts]),
-                                      np.concatenate([p[1] for p in parts]))
+                                      np.concatenate([p[1] for p in parts]), alpha=ALPHA)
     workdir.mkdir(parents=True, exist_ok=True)
     files = {name: workdir / f"{kind}_{name}_{N}_{dtype}.npy" for name in ("clips", "attended")}
     if not all(f.exists() for f in files.values()):
@@ -134,7 +135,7 @@ def make_corpus(N: int, seed: int, dtype: str, workdir: Path | None, chunk: int 
             mm.flush()
         del mms
     arrays = {name: np.load(f, mmap_mode="r") for name, f in files.items()}
-    return VideoIndex.from_arrays(arrays["clips"], arrays["attended"])
+    return VideoIndex.from_arrays(arrays["clips"], arrays["attended"], alpha=ALPHA)
 
 
 def make_queries(index: VideoIndex, Q: int, seed: int) -> torch.Tensor:
@@ -243,9 +244,10 @@ def bench_size(N: int, args: argparse.Namespace) -> dict:
         if kind == "ivf" and N > args.ivf_max:
             row[f"{kind}_skipped"] = f"N > --ivf-max {args.ivf_max} (scans fp32 lists: slow)"
             continue
-        cfg = SearchConfig(backend="faiss", index_type=kind, nlist=args.nlist, nprobe=args.nprobe,
-                           ef_search=args.ef_search, candidates=args.candidates, pq_m=args.pq_m,
-                           refine=args.refine, refine_codes=args.refine_codes)
+        cfg = default_config().search.replace(backend="faiss", index_type=kind, nlist=args.nlist, nprobe=args.nprobe,
+                                              ef_search=args.ef_search, candidates=args.candidates,
+                                              pq_m=args.pq_m, refine=args.refine,
+                                              refine_codes=args.refine_codes)
         fi, row[f"{kind}_build_s"] = build_ann(index, cfg, N, big, args)
         if big:     # serve as a fresh process would: only the pages the searches touch are mapped
             index = make_corpus(N, args.seed, dtype, Path(args.workdir), kind=args.corpus)
@@ -296,8 +298,8 @@ def bench_milvus(index: VideoIndex, q: torch.Tensor, gt, args: argparse.Namespac
         return {"milvus_skipped": str(exc)}
     nq = min(args.milvus_queries, len(gt.video_idx))
     with tempfile.TemporaryDirectory(prefix="prvr-milvus-") as tmp:
-        cfg = SearchConfig(backend="milvus", milvus_uri=str(Path(tmp) / "bench.db"),
-                           milvus_candidates=args.milvus_candidates)
+        cfg = default_config().search.replace(backend="milvus", milvus_uri=str(Path(tmp) / "bench.db"),
+                                              milvus_candidates=args.milvus_candidates)
         t0 = time.perf_counter()
         eng = MilvusSearch(index, cfg)
         build = time.perf_counter() - t0

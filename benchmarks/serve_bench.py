@@ -50,10 +50,10 @@ def pct(values: list[float], q: float) -> float:
 
 def make_checkpoint(path: Path, text_dim: int, encoder_name: str, video_dim: int = 1024,
                     text_precision: str = "float32") -> Path:
-    from prvr.config import Config
+    from prvr.config import default_config
     from prvr.model import PRVRModel
 
-    cfg = Config()
+    cfg = default_config()
     cfg.model.video_dim, cfg.model.text_dim = video_dim, text_dim
     cfg.text.precision = text_precision
     torch.manual_seed(0)
@@ -63,9 +63,9 @@ def make_checkpoint(path: Path, text_dim: int, encoder_name: str, video_dim: int
 
 
 def make_index(checkpoint: Path, out: Path, videos: int, version: str, corpus: str = "structured") -> Path:
-    from prvr.evaluate import load_model
+    from prvr.encoding import load_model
     from prvr.model import VideoEmbeddings
-    from prvr.registry import sha256_file
+    from prvr.checkpoint import sha256_file
     from prvr.search import build_index_from_embeddings
 
     _, cfg, ckpt = load_model(checkpoint)
@@ -112,7 +112,7 @@ def engines_side_by_side(retriever, search_cfg, n: int) -> dict:
 
 def in_process(retriever, n: int) -> dict:
     """Per single query: text encoding (MiniLM), query encoding (MS-SL++), scoring (search engine)."""
-    from prvr.dataset import collate_queries
+    from prvr.views import collate_queries
 
     wall = {k: [] for k in ("text", "query", "score", "total")}
     cpu = {k: [] for k in ("text", "query", "score", "total")}
@@ -220,18 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = config_from_args(args)
-    for key in ("backend", "refine", "candidates", "refine_codes"):
-        if getattr(args, key) is not None:
-            setattr(cfg.search, key, getattr(args, key))
-    cfg.validate()
+    cfg.search = cfg.search.replace(**{key: getattr(args, key) for key in
+                                       ("backend", "refine", "candidates", "refine_codes")
+                                       if getattr(args, key) is not None})
     threads = args.threads or cfg.serve.threads
     torch.set_num_threads(threads)
     os.environ["PRVR_TORCH_THREADS"] = str(threads)      # inherited by the TorchServe worker
-    from prvr.packaging import TorchServe, build_archive
+    from prvr.archive import build_archive
+    from prvr.server import TorchServe
     from prvr.serving import Retriever
     from prvr.text import TextEncoder
 
-    encoder = TextEncoder("minilm", precision=args.text_precision)
+    encoder = TextEncoder("minilm", cfg.model.max_desc_len, args.text_precision)
     with tempfile.TemporaryDirectory(prefix="prvr-serve-bench-") as tmp:
         tmp = Path(tmp)
         ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(tmp / "model.pt", encoder.dim, encoder.name,
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                   "engines": engines_side_by_side(retriever, cfg.search, args.requests)}
         del retriever
         if not args.no_rest:
-            mar = build_archive(ckpt, index, tmp / "store", "bench", cfg=cfg)
+            mar = build_archive(ckpt, index, tmp / "store", "bench", "prvr", cfg)
             ts_set = dict(kv.split("=", 1) for kv in args.ts_set)
             with TorchServe(tmp / "ts", tmp / "store", {"prvr": mar.name}, overrides=ts_set, free_ports=True) as ts:
                 result["rest"] = rest(ts, args.requests, args.clients, args.per_client)

@@ -4,6 +4,10 @@ Prints a table and (with --out) writes every figure as JSON. Side by side in the
 same run: the clustering step as the original MS-SL++ code does it (a
 [B, K, N, N] tensor per iteration) against prvr's batched k-medoids.
 
+The timed step is prvr.train.train_batch itself, on the CPU (a full run's lr schedule,
+cfg.train.grad_clip, hard negatives throughout). Output from before it used train_batch
+came from a drifted copy of the step (grad clip 1.0, constant lr): not strictly comparable.
+
     python benchmarks/train_bench.py --data data/tvr-like --batches 4 --out bench_train.json
 """
 from __future__ import annotations
@@ -18,12 +22,12 @@ import numpy as np
 import torch
 
 from prvr.config import load_config
-from prvr.data import Collection
-from prvr.dataset import collate_queries
-from prvr.evaluate import encode_corpus, encode_query_texts, rank_split
+from prvr.collection import Collection
+from prvr.encoding import encode_corpus, encode_query_texts
+from prvr.evaluate import rank_split
 from prvr.model import PRVRModel, kmedoids
-from prvr.sources import TextSource, VideoSource
-from prvr.train import build_optimizer, compute_loss
+from prvr.encoding import TextSource, VideoSource
+from prvr.train import Step, build_optimizer, train_batch
 
 VARIANTS = ("ms-sl++", "ms-sl", "mean-pool")
 
@@ -51,29 +55,24 @@ def time_training(variant: str, data: Path, batches: int, batch_size: int) -> di
     queries_of: dict[str, list[str]] = {}
     for c in coll.captions("train"):
         queries_of.setdefault(c.video_id, []).append(c.cap_id)
-    source = VideoSource(coll, cfg, videos)
     torch.manual_seed(0)
     model = PRVRModel(cfg.model)
-    opt = build_optimizer(model, cfg)
+    # the production step, on the CPU; the lr follows a full run's schedule on this collection
+    step = Step(cfg=cfg, device=torch.device("cpu"), texts=texts,
+                videos=VideoSource(coll, cfg, videos), queries_of=queries_of, model=model,
+                net=model, optimizer=build_optimizer(model, cfg),
+                total_steps=math.ceil(len(coll.videos("train")) / batch_size) * cfg.train.epochs,
+                state={"step": 0, "lr_scale": 1.0}, amp=False)
     gen = torch.Generator().manual_seed(0)
     seen_v = seen_q = 0
     elapsed = 0.0
     for i in range(0, len(videos), batch_size):
         vids = videos[i:i + batch_size]
-        caps = [c for v in vids for c in queries_of[v]]
-        labels = torch.tensor([j for j, v in enumerate(vids) for _ in queries_of[v]])
         t0 = time.perf_counter()   # data loading included: it is part of a training step
-        vb = source.batch(vids)
-        tokens, mask = collate_queries(texts.get(caps), cfg.model.max_desc_len)
-        out = model(tokens, mask, vb.units, vb.frames, vb.frame_mask)
-        loss, _ = compute_loss(out, labels, cfg, hard=True, generator=gen)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _, n_queries = train_batch(step, vids, hard=True, gen=gen)
         elapsed += time.perf_counter() - t0
         seen_v += len(vids)
-        seen_q += len(caps)
+        seen_q += n_queries
     # evaluation: encode the test corpus and rank every test query against it
     model.eval()
     test_videos, test_caps = coll.videos("test"), coll.captions("test")

@@ -11,7 +11,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
@@ -19,10 +18,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import kfp.local
+
+from prvr import stages
+from prvr.collection import Collection, format_stats
 from prvr.config import Config
 from prvr.errors import PrvrError
+from prvr.archive import build_archive
+from prvr.server import TorchServe
+from prvr.registry import Registry
+from prvr.reports import format_decision, format_table
 
-__all__ = ["run_pipeline", "run_stages", "print_summary", "serve_and_query", "register_cli",
+__all__ = ["run_pipeline", "run_stages", "print_summary", "serve_and_query", "print_answers",
            "DEMO_EPOCHS"]
 
 # Measured on the small preset, 2 idle CPU cores: preprocess (synth + encoding 5013 queries)
@@ -59,10 +66,6 @@ def _read(path: str | Path, name: str) -> dict[str, Any]:
 def run_pipeline(cfg: Config, preset: str, epochs: int, pipeline_root: str | Path = "runs/kfp",
                  registry_uri: str = "file://registry", overrides: list[str] | None = None) -> dict[str, Any]:
     """One local run of the whole Kubeflow pipeline; returns {dataset, metrics, decision, ...}."""
-    import kfp.local
-
-    from prvr.stages import DATASET_JSON, DECISION_JSON, pipeline_params
-
     pipeline = _load_pipeline()
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -71,11 +74,11 @@ def run_pipeline(cfg: Config, preset: str, epochs: int, pipeline_root: str | Pat
                     alpha=cfg.model.alpha, registry_uri=_file_uri(registry_uri),
                     endpoint_url=cfg.registry.endpoint_url or "",
                     promotion_margin=cfg.registry.promotion_margin, params_overrides=list(overrides or []),
-                    base_params=pipeline_params(cfg))
+                    base_params=stages.pipeline_params(cfg))
     out = task.outputs
-    return {"dataset": _read(out["dataset"].path, DATASET_JSON),
+    return {"dataset": _read(out["dataset"].path, stages.DATASET_JSON),
             "metrics": _read(out["evaluation"].path, "metrics.json"),
-            "decision": _read(out["decision"].path, DECISION_JSON),
+            "decision": _read(out["decision"].path, stages.DECISION_JSON),
             "report": str(Path(out["evaluation"].path) / "report.html"),
             "run_dir": str(Path(out["dataset"].path).parent.parent)}
 
@@ -83,8 +86,6 @@ def run_pipeline(cfg: Config, preset: str, epochs: int, pipeline_root: str | Pat
 def run_stages(cfg: Config, preset: str, epochs: int, out_dir: str | Path = "runs/demo",
                registry_uri: str = "file://registry") -> dict[str, Any]:
     """The same four stages, called in this process (no Kubeflow)."""
-    from prvr import stages
-
     cfg.train.epochs = epochs
     out = Path(out_dir)
     dataset = stages.preprocess(f"synth:{preset}:{cfg.synth.seed}", out / "dataset", cfg)
@@ -97,10 +98,6 @@ def run_stages(cfg: Config, preset: str, epochs: int, out_dir: str | Path = "run
 
 
 def print_summary(result: dict[str, Any], seconds: float) -> None:
-    from prvr.data import format_stats
-    from prvr.evaluate import format_table
-    from prvr.stages import format_decision
-
     m = result["metrics"]
     print("\n== data ==")
     print(format_stats(result["dataset"]["stats"]))
@@ -118,10 +115,6 @@ def serve_and_query(cfg: Config, result: dict[str, Any], registry_uri: str,
 
     The queries are test captions of the demo collection, so the answer can be checked
     against the video they were written for. The server is stopped before returning."""
-    from prvr.data import Collection
-    from prvr.packaging import TorchServe, build_archive
-    from prvr.registry import Registry
-
     reg = Registry(_file_uri(registry_uri), endpoint_url=cfg.registry.endpoint_url)
     name = cfg.registry.model_name
     version = reg.production(name)
@@ -158,42 +151,3 @@ def print_answers(answers: list[dict[str, Any]]) -> None:
             mark = "  <- true video" if v["video_id"] == a["true_video"] else ""
             print(f"  {rank}. {v['video_id']:<28} score {v['score']:.3f} (clip {v['clip_score']:.3f}, "
                   f"frame {v['frame_score']:.3f}) moment {m['start']}-{m['end']} {m['unit']}{mark}")
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from prvr.cli import config_from_args
-
-    cfg = config_from_args(args)
-    t0 = time.time()
-    if args.no_pipeline:
-        result = run_stages(cfg, args.preset, args.epochs, args.out or "runs/demo", args.registry)
-    else:
-        result = run_pipeline(cfg, args.preset, args.epochs, args.out or "runs/kfp", args.registry,
-                              args.overrides)
-    print_summary(result, time.time() - t0)
-    if not args.no_serve:
-        print_answers(serve_and_query(cfg, result, args.registry))
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    from prvr.cli import add_config_args
-
-    p = subparsers.add_parser("demo", help="run the whole training pipeline locally on synthetic data",
-                              description="Synthesize a collection, encode its queries, train, evaluate and "
-                                          "register through the Kubeflow pipeline run locally "
-                                          "(kfp SubprocessRunner), then print the results.")
-    p.add_argument("--preset", default="small", choices=("tiny", "small", "tvr-like"),
-                   help="synthetic collection size (default: small)")
-    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS,
-                   help=f"training epochs (default: {DEMO_EPOCHS}, a few minutes on 2 CPU cores)")
-    p.add_argument("--no-pipeline", action="store_true",
-                   help="call the stage functions directly instead of running the Kubeflow pipeline")
-    p.add_argument("--no-serve", action="store_true",
-                   help="skip the last step (package the production model, query it through TorchServe)")
-    p.add_argument("--out", default=None,
-                   help="pipeline root (default: runs/kfp) or, with --no-pipeline, run folder (runs/demo)")
-    p.add_argument("--registry", default="file://registry",
-                   help="model registry URI (default: file://registry)")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_demo)

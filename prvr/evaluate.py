@@ -1,7 +1,8 @@
 """Evaluation: every query of a split against every video of it, in bounded memory.
 
 Returns a metrics dict (fused, clip-only, frame-only) and optionally writes it as
-JSON and draws plots; callers log it. Uses the same encode/score path as serving.
+JSON; callers log it. Videos are encoded as for the serving index and ranked with
+`ExactSearch.truth_ranks` (fp32 `prvr.model.score` over the same arrays).
 
 Usage::
 
@@ -9,87 +10,31 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from prvr.checkpoint import resolve_device, write_json_atomic
+from prvr.collection import Collection
 from prvr.config import Config
-from prvr.data import Collection
-from prvr.dataset import collate_queries
-from prvr.errors import CheckpointError
+from prvr.encoding import (TextSource, VideoSource, check_compatible, encode_corpus, encode_query_texts,
+                           load_model)
 from prvr.metrics import metrics_from_ranks
 from prvr.model import PRVRModel, VideoEmbeddings
-from prvr.sources import TextSource, VideoSource
+from prvr.search import ExactSearch, VideoIndex
 
-__all__ = ["evaluate", "encode_corpus", "encode_query_texts", "rank_split", "load_model",
-           "evaluate_model", "query_spread", "write_json_atomic", "resolve_device"]
-
-SCORE_KINDS = ("fused", "clip", "frame")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[PRVRModel, Config, dict]:
-    """Rebuild a model from its checkpoint file alone (weights_only: no pickled code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise CheckpointError(f"{path} is not a readable prvr checkpoint ({exc})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} lacks 'state_dict'/'config': not a prvr checkpoint")
-    cfg = Config.from_dict(ckpt["config"])
-    model = PRVRModel(cfg.model).to(device)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), cfg, ckpt
-
-
-@torch.no_grad()
-def encode_corpus(model: PRVRModel, videos: VideoSource, video_ids: list[str],
-                  device: torch.device, batch_size: int = 64) -> tuple[VideoEmbeddings, torch.Tensor]:
-    """Video embeddings of a whole corpus on the CPU, plus each video's frame count."""
-    clips, spans, attended, nframes = [], [], [], []
-    for i in range(0, len(video_ids), batch_size):
-        b = videos.batch(video_ids[i:i + batch_size]).to(device)
-        emb = model.encode_videos(b.units, b.frames, b.frame_mask)
-        clips.append(emb.clips.float().cpu())
-        spans.append(emb.spans.cpu())
-        attended.append(emb.attended.float().cpu())
-        nframes.append(b.num_frames.cpu())
-    return (VideoEmbeddings(torch.cat(clips), torch.cat(spans), torch.cat(attended)),
-            torch.cat(nframes))
-
-
-@torch.no_grad()
-def encode_query_texts(model: PRVRModel, texts: TextSource, cap_ids: list[str],
-                       device: torch.device, batch_size: int = 512) -> torch.Tensor:
-    out = []
-    for i in range(0, len(cap_ids), batch_size):
-        tokens, mask = collate_queries(texts.get(cap_ids[i:i + batch_size]), model.cfg.max_desc_len)
-        out.append(model.encode_queries(tokens.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
+__all__ = ["evaluate", "rank_split", "evaluate_model", "query_spread"]
 
 
 def rank_split(queries: torch.Tensor, videos: VideoEmbeddings, truth: np.ndarray, alpha: float,
                query_chunk: int = 2048, video_chunk: int = 4096) -> dict[str, np.ndarray]:
     """1-based rank of each query's true video under the fused, clip and frame scores.
 
-    Goes through the search engine that serving uses (an in-memory index of the
-    corpus); only a (query_chunk, V) block of scores exists at a time. `score`
-    normalises each block itself, so the corpus is not copied to normalise it first."""
-    from prvr.search import ExactSearch, VideoIndex
+    `ExactSearch.truth_ranks` over an in-memory index of the corpus: fp32 `score`, a
+    (query_chunk, V) block of scores at a time. `score` normalises each block itself,
+    so the corpus is not copied to normalise it first."""
     index = VideoIndex.from_arrays(videos.clips.float().numpy(), videos.attended.float().numpy(),
                                    alpha=alpha)
     engine = ExactSearch(index, video_chunk=video_chunk, precision="fp32")
@@ -127,22 +72,10 @@ def evaluate_model(model: PRVRModel, collection: Collection, texts: TextSource,
     return result
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON through a temp file + rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-    return path
-
-
 def evaluate(cfg: Config, data_path: str | Path, checkpoint: str | Path, split: str | None = None,
-             out: str | Path | None = None, plots_dir: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint on a split; model hyperparameters come from the checkpoint.
-
-    `cfg` supplies data/eval settings and may override model.alpha."""
+             out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on a split. Model settings, alpha included, come from the
+    checkpoint; `cfg` supplies only the data, eval and device settings."""
     device = resolve_device(cfg.train.device)
     model, ckpt_cfg, ckpt = load_model(checkpoint, device)
     ckpt_cfg.data, ckpt_cfg.eval = cfg.data, cfg.eval
@@ -155,60 +88,4 @@ def evaluate(cfg: Config, data_path: str | Path, checkpoint: str | Path, split: 
     metrics.update(split=split, checkpoint=str(checkpoint), epoch=ckpt.get("epoch"))
     if out:
         write_json_atomic(out, metrics)
-    if plots_dir:
-        from prvr.plots import plot_evaluation
-        plot_evaluation(metrics, plots_dir)
     return metrics
-
-
-def check_compatible(ckpt: dict, collection: Collection, texts: TextSource) -> None:
-    """Refuse data whose dims or text encoder differ from what the model was trained on."""
-    mc = ckpt["config"]["model"]
-    if collection.video_dim != mc["video_dim"]:
-        raise CheckpointError(f"video features of {collection.path} are {collection.video_dim}-d, "
-                              f"the checkpoint expects {mc['video_dim']}-d")
-    if texts.dim != mc["text_dim"]:
-        raise CheckpointError(f"text features of {collection.path} are {texts.dim}-d, "
-                              f"the checkpoint expects {mc['text_dim']}-d")
-    trained_with = ckpt.get("text_encoder")
-    if trained_with and texts.encoder_name != trained_with:
-        raise CheckpointError(f"text features come from {texts.encoder_name!r}, the checkpoint was "
-                              f"trained on {trained_with!r}")
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """Recall table of the three scores, as printed by the CLI and the demo."""
-    rows = [f"{'score':<7}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'R@100':>7}{'SumR':>8}{'MedR':>7}{'MnR':>8}"]
-    for kind in SCORE_KINDS:
-        m = metrics[kind]
-        rows.append(f"{kind:<7}{m['r1']:>7.1f}{m['r5']:>7.1f}{m['r10']:>7.1f}{m['r100']:>7.1f}"
-                    f"{m['sumr']:>8.1f}{m['medr']:>7.1f}{m['mnr']:>8.1f}")
-    bins = metrics["fused"].get("mv_bins")
-    if bins:
-        rows.append("fused SumR by moment/video length ratio: " +
-                    ", ".join(f"{b}: {v['sumr']:.1f} (n={v['n']})" for b, v in bins.items()))
-    return "\n".join(rows)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from prvr.cli import config_from_args
-    cfg = config_from_args(args)
-    metrics = evaluate(cfg, args.data, args.checkpoint, args.split, args.out, args.plots)
-    print(f"{metrics['split']}: {metrics['num_queries']} queries x {metrics['num_videos']} videos "
-          f"({metrics['variant']}, alpha={metrics['alpha']})")
-    print(format_table(metrics))
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    from prvr.cli import add_config_args
-    p = subparsers.add_parser("evaluate", help="score a split with a checkpoint; R@K, SumR, MedR, MnR",
-                              description="Rank every video of a split for every query and report "
-                                          "fused, clip-only and frame-only metrics.")
-    p.add_argument("--data", required=True, help="collection folder ROOT/COLL")
-    p.add_argument("--checkpoint", required=True, help="model.pt written by `prvr train`")
-    p.add_argument("--split", default=None, help="train | val | test (default: eval.split)")
-    p.add_argument("--out", default=None, help="write the metrics JSON here")
-    p.add_argument("--plots", default=None, help="folder for PNG plots (recall@K, SumR per M/V bin)")
-    add_config_args(p)
-    p.set_defaults(func=_cli)

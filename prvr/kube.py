@@ -15,14 +15,13 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["pytorchjob_spec", "register_cli", "CONTAINER_NAME", "DEFAULT_PORT"]
+__all__ = ["pytorchjob_spec", "CONTAINER_NAME", "DEFAULT_PORT"]
 
 CONTAINER_NAME = "pytorch"       # the operator looks up this container name
 PORT_NAME = "pytorchjob-port"    # ... and this port name for MASTER_PORT
@@ -32,8 +31,9 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 def pytorchjob_spec(image: str, nodes: int, procs_per_node: int, train_args: list[str],
                     gpus_per_proc: int = 1, name: str = "prvr-train", namespace: str = "default",
-                    module: str = "prvr.train", shm_size: str = "8Gi") -> dict[str, Any]:
-    """A PyTorchJob dict: Master x1 + Worker x(nodes-1), each running torchrun over ``module``."""
+                    shm_size: str = "8Gi") -> dict[str, Any]:
+    """A PyTorchJob dict: Master x1 + Worker x(nodes-1), each running torchrun over
+    ``prvr train-worker`` (one training process per rank) with ``train_args``."""
     if nodes < 1 or procs_per_node < 1:
         raise ValueError(f"nodes ({nodes}) and procs_per_node ({procs_per_node}) must be >= 1")
     if gpus_per_proc < 0:
@@ -46,7 +46,7 @@ def pytorchjob_spec(image: str, nodes: int, procs_per_node: int, train_args: lis
     command = [
         "torchrun", f"--nnodes={nodes}", f"--nproc-per-node={procs_per_node}",
         "--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
-        "-m", module, *train_args,
+        "-m", "prvr.cli", "train-worker", *train_args,
     ]
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -84,41 +84,3 @@ def pytorchjob_spec(image: str, nodes: int, procs_per_node: int, train_args: lis
         "metadata": {"name": name, "namespace": namespace, "labels": {"app": "prvr"}},
         "spec": {"pytorchReplicaSpecs": replicas},
     }
-
-
-def _cmd_pytorchjob(args: argparse.Namespace) -> int:
-    import yaml
-
-    train_args = list(args.train_args)
-    if train_args[:1] == ["--"]:
-        train_args = train_args[1:]
-    spec = pytorchjob_spec(args.image, args.nodes, args.procs_per_node, train_args,
-                           gpus_per_proc=args.gpus_per_proc, name=args.name, namespace=args.namespace,
-                           module=args.module)
-    text = yaml.safe_dump(spec, sort_keys=False)
-    if args.out in (None, "-"):
-        sys.stdout.write(text)
-    else:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(args.out)
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """`prvr kube pytorchjob ... -- <train args>`."""
-    parser = subparsers.add_parser("kube", help="generate Kubernetes specs for distributed training")
-    sub = parser.add_subparsers(dest="kube_command", metavar="KIND")
-    sub.required = True
-    p = sub.add_parser("pytorchjob", help="write a Kubeflow PyTorchJob YAML running torchrun -m prvr.train")
-    p.add_argument("--image", required=True, help="container image with the prvr package installed")
-    p.add_argument("--nodes", type=int, default=1, help="pods (Master + nodes-1 Workers)")
-    p.add_argument("--procs-per-node", type=int, default=1, help="torchrun processes per pod")
-    p.add_argument("--gpus-per-proc", type=int, default=1, help="GPUs per process (0 = CPU only)")
-    p.add_argument("--name", default="prvr-train", help="PyTorchJob name (DNS-1123 label)")
-    p.add_argument("--namespace", default="default", help="Kubernetes namespace")
-    p.add_argument("--module", default="prvr.train", help="Python module torchrun runs")
-    p.add_argument("--out", default="-", help="output YAML file ('-' = stdout)")
-    p.add_argument("train_args", nargs=argparse.REMAINDER,
-                   help="arguments for the training module, after '--'")
-    p.set_defaults(func=_cmd_pytorchjob)

@@ -4,17 +4,19 @@ Small modules first (feature encoder, query pooling, clustering), the full
 network last. Shapes: Q queries, L tokens, V videos, U clip units (map_size),
 N spans, K kept clips, T frames, H hidden size.
 
-Encode and score are separate so training, evaluation, the search engine and the
-server share one scoring path::
+Encode and score are separate, so videos are encoded once and scored against any
+query later. `score` is the fp32 reference (evaluation uses it; the search engines'
+faster paths are tested against it) and every path that combines the two scales,
+training's `forward` included, does it through `fuse`::
 
     q = model.encode_queries(tokens, token_mask)              # (Q, H)
     v = model.encode_videos(units, frames, frame_mask)        # clips/attended (V, K, H)
-    s = score(q, v.clips, v.attended, alpha=0.7)               # fused/clip/frame (Q, V)
+    s = score(q, v.clips, v.attended, alpha)                   # fused/clip/frame (Q, V)
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from torch import nn
 
 from prvr.config import ModelConfig
 
-__all__ = ["PRVRModel", "VideoEmbeddings", "Scores", "score", "kmedoids", "span_table",
+__all__ = ["PRVRModel", "VideoEmbeddings", "Scores", "score", "fuse", "kmedoids", "span_table",
            "sinusoidal_table"]
 
 
@@ -34,7 +36,7 @@ class VideoEmbeddings(NamedTuple):
 
 
 class Scores(NamedTuple):
-    fused: torch.Tensor     # (Q, V) alpha * clip + (1 - alpha) * frame
+    fused: torch.Tensor     # (Q, V) fuse(clip, frame, alpha)
     clip: torch.Tensor      # (Q, V) max cosine over the video's clips
     frame: torch.Tensor     # (Q, V) cosine with the key clip's attended frame vector
     key_clip: torch.Tensor  # (Q, V) int64 index of the key clip in 0..K-1
@@ -147,12 +149,20 @@ def kmedoids(dist: torch.Tensor, k: int, iters: int = 60, tol: float = 1e-5) -> 
 # --------------------------------------------------------------------------- #
 # Scoring (shared by training, evaluation, search and serving)
 # --------------------------------------------------------------------------- #
+def fuse(clip: Any, frame: Any, alpha: float) -> Any:
+    """The fused score S: S_clip weighted by alpha plus S_frame weighted by 1 - alpha.
+
+    Works on tensors, arrays and floats alike, and is linear, so it also fuses vectors
+    (the faiss index holds fuse(clip, attended) per clip) and upper bounds."""
+    return alpha * clip + (1 - alpha) * frame
+
+
 def score(queries: torch.Tensor, clips: torch.Tensor, attended: torch.Tensor,
           alpha: float, video_chunk: int = 4096) -> Scores:
     """Fused, clip-scale and frame-scale scores of queries (Q, H) against videos (V, K, H).
 
     S_c = max over clips of cosine(query, clip); the argmax is the key clip;
-    S_f = cosine(query, attended vector of the key clip); S = alpha*S_c + (1-alpha)*S_f.
+    S_f = cosine(query, attended vector of the key clip); S = fuse(S_c, S_f, alpha).
     Videos are processed in chunks so memory stays bounded for large corpora.
     """
     q = F.normalize(queries.float(), dim=-1)                              # (Q, H)
@@ -170,7 +180,7 @@ def score(queries: torch.Tensor, clips: torch.Tensor, attended: torch.Tensor,
     clip_score = torch.cat([o[0] for o in out], 1)
     frame_score = torch.cat([o[1] for o in out], 1)
     key = torch.cat([o[2] for o in out], 1)
-    return Scores(alpha * clip_score + (1 - alpha) * frame_score, clip_score, frame_score, key)
+    return Scores(fuse(clip_score, frame_score, alpha), clip_score, frame_score, key)
 
 
 # --------------------------------------------------------------------------- #
@@ -264,7 +274,12 @@ class PRVRModel(nn.Module):
 
     @torch.no_grad()
     def cluster_spans(self, enc_units: torch.Tensor) -> torch.Tensor:
-        """Medoid span indices (V, K) of [span feature ; length encoding] under Euclidean distance.
+        """Medoid span indices (V, K) of [span feature ; length encoding] under Euclidean distance."""
+        dist = self.span_distances(enc_units)                             # (V, N, N)
+        return kmedoids(dist, self.cfg.cluster_num, self.cfg.kmedoids_iters, self.cfg.kmedoids_tol)
+
+    def span_distances(self, enc_units: torch.Tensor) -> torch.Tensor:
+        """Euclidean distances (V, N, N) between the [span feature ; length encoding] of all spans.
 
         Spans are linear in the units (span = P @ units), so their Gram matrix is
         P (U U^T) P^T: (V, U, U) work instead of (V, N, N, H). The length encoding
@@ -278,8 +293,7 @@ class PRVRModel(nn.Module):
         len_gram = (table @ table.transpose(1, 2))[:, length][:, :, length]  # (V, N, N)
         gram = gram + len_gram
         sq = gram.diagonal(dim1=1, dim2=2)                                # (V, N)
-        dist = (sq[:, :, None] + sq[:, None, :] - 2 * gram).clamp_min(0).sqrt()
-        return kmedoids(dist, self.cfg.cluster_num, self.cfg.kmedoids_iters, self.cfg.kmedoids_tol)
+        return (sq[:, :, None] + sq[:, None, :] - 2 * gram).clamp_min(0).sqrt()
 
     def key_clip_attention(self, clips: torch.Tensor, frames: torch.Tensor,
                            frame_mask: torch.Tensor) -> torch.Tensor:
@@ -313,5 +327,5 @@ class PRVRModel(nn.Module):
         raw_frame = (q[:, None, :] * att).sum(-1)                         # (Q, V)
         frame = raw_frame / (q_norm[:, None] * att.norm(dim=-1).clamp_min(1e-12))
         return {"clip": clip, "frame": frame,
-                "fused": self.cfg.alpha * clip + (1 - self.cfg.alpha) * frame,
+                "fused": fuse(clip, frame, self.cfg.alpha),
                 "clip_raw": raw_all.max(-1).values, "frame_raw": raw_frame, "queries": q}

@@ -18,6 +18,8 @@ import os
 import re
 from typing import Mapping
 
+from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
 __all__ = ["push_run_metrics", "metric_name", "GATEWAY_ENV", "PREFIX"]
 
 GATEWAY_ENV = "PRVR_PUSHGATEWAY"
@@ -46,8 +48,6 @@ def push_run_metrics(job: str, metrics: Mapping[str, float], gateway: str | None
     gateway = gateway or os.environ.get(GATEWAY_ENV) or None
     if not gateway:
         return False
-    from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
-
     registry = CollectorRegistry()
     pushed = 0
     for key, value in metrics.items():

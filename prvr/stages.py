@@ -20,10 +20,8 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
-import html
 import json
 import os
 import shutil
@@ -36,19 +34,29 @@ from typing import Any, Mapping
 
 import yaml
 
-from prvr.config import Config
-from prvr.errors import DataError, PrvrError
+from prvr.checkpoint import read_checkpoint, write_json_atomic
+from prvr.collection import Collection
+from prvr.config import Config, load_config
+from prvr.errors import CheckpointError, DataError, PrvrError
+from prvr.evaluate import evaluate
+from prvr.indexing import build_index
+from prvr.monitoring import push_run_metrics
+from prvr.archive import build_archive
+from prvr.plots import plot_evaluation
+from prvr.registry import Registry
+from prvr.reports import SCORES, report_html, report_markdown
+from prvr.synth import synthesize
+from prvr.text import TextEncoder, encode_collection
+from prvr.train import train
 
 __all__ = [
     "DATASET_JSON", "preprocess", "train_step", "evaluate_step", "register_step", "load_dataset",
-    "parse_source", "stage_config", "pipeline_params", "kfp_metrics", "dataset_metadata", "train_metadata", "format_decision",
-    "report_html", "report_markdown", "register_cli",
+    "parse_source", "stage_config", "pipeline_params", "kfp_metrics", "dataset_metadata", "train_metadata",
 ]
 
 DATASET_JSON = "dataset.json"
 RESUME_JSON = "resume.json"          # fingerprint of the config + data a run folder was trained on
 DECISION_JSON = "decision.json"
-SCORES = ("fused", "clip", "frame")
 _FINGERPRINT_SAMPLE = 1 << 20        # bytes of feature.bin hashed at its start, middle and end
 
 
@@ -57,8 +65,6 @@ def stage_config(base: Mapping[str, Any] | None = None, overrides: list[str] | N
                  params: str | Path | None = None) -> Config:
     """The config a stage runs with: ``base`` (a ``cfg.to_dict()`` snapshot, as the compiled
     pipeline carries) or the params file, then ``section.key=value`` overrides in order."""
-    from prvr.config import load_config
-
     if base:
         return Config.from_dict(copy.deepcopy(dict(base))).override(list(overrides or []))
     return load_config(params, list(overrides or []))
@@ -73,16 +79,8 @@ def pipeline_params(cfg: Config) -> dict[str, Any]:
 
 def _push(job: str, values: Mapping[str, Any], cfg: Config) -> bool:
     """Run metrics to the Pushgateway named by $PRVR_PUSHGATEWAY (a no-op without it)."""
-    from prvr.monitoring import push_run_metrics
-
     return push_run_metrics(job, values, labels={"collection": cfg.data.collection,
                                                  "variant": cfg.model.variant})
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    from prvr.evaluate import write_json_atomic
-
-    return write_json_atomic(path, obj)
 
 
 def _writable(folder: Path) -> bool:
@@ -145,15 +143,11 @@ def preprocess(source: str, out_dir: str | Path, cfg: Config, encoder: Any = Non
     not be written (``readonly_source`` or a read-only folder). Writes and returns the
     ``dataset.json`` record {path, collection, stats, text_feature_file, ...}.
     """
-    from prvr.data import Collection
-
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kind, preset, seed, path = parse_source(source, cfg)
     if kind == "synth":
-        from prvr.synth import synthesize
-
         path = synthesize(out_dir, cfg.data.collection, preset, seed)
     assert path is not None
     coll = Collection(path, cfg.data.video_feature, cfg.data.text_feature_file)
@@ -163,11 +157,7 @@ def preprocess(source: str, out_dir: str | Path, cfg: Config, encoder: Any = Non
         if readonly_source or not _writable(target.parent):
             target = out_dir / target.name
         if encoder is None:
-            from prvr.text import TextEncoder
-
-            encoder = TextEncoder.from_config(cfg.text)
-        from prvr.text import encode_collection
-
+            encoder = TextEncoder.from_config(cfg)
         encode_collection(path, encoder, target, batch_size=cfg.text.batch_size)
         # Collection joins TextData / file; an absolute file name replaces the folder.
         coll = Collection(path, cfg.data.video_feature, str(target.resolve()))
@@ -190,7 +180,7 @@ def preprocess(source: str, out_dir: str | Path, cfg: Config, encoder: Any = Non
         "fingerprint": _fingerprint(coll),
         "stats": stats,
     }
-    _write_json(out_dir / DATASET_JSON, record)
+    write_json_atomic(out_dir / DATASET_JSON, record)
     splits = stats["splits"]
     _push("prvr-preprocess", {"duration_seconds": time.time() - t0,
                               "videos": sum(s["videos"] for s in splits.values()),
@@ -253,8 +243,6 @@ def _run_fingerprint(cfg: Config, data_path: Path, record: Mapping[str, Any] | N
 
 
 def _plain_data_id(path: Path) -> str:
-    from prvr.data import Collection
-
     return _fingerprint(Collection(path))
 
 
@@ -276,14 +264,14 @@ def _prepare_run_dir(out_dir: Path, fingerprint: str, resume: bool) -> None:
                       file=sys.stderr)
             _clean_run(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(marker, {"fingerprint": fingerprint})
+    write_json_atomic(marker, {"fingerprint": fingerprint})
 
 
 def train_step(dataset_dir: str | Path, out_dir: str | Path, cfg: Config, nproc: int = 1,
                resume: bool = True, keep_last: bool = True, progress: bool = False) -> dict[str, Any]:
     """Train into ``out_dir`` (model.pt = best epoch, dvclive/, train_summary.json, params.yaml).
 
-    ``nproc > 1`` runs ``torchrun --standalone --nproc-per-node N -m prvr.train`` (one
+    ``nproc > 1`` runs ``torchrun --standalone --nproc-per-node N -m prvr.cli train-worker`` (one
     process per GPU; gloo on CPU). ``keep_last=False`` drops the resume state (last.pt)
     at the end, e.g. for a model artifact.
     """
@@ -297,7 +285,7 @@ def train_step(dataset_dir: str | Path, out_dir: str | Path, cfg: Config, nproc:
     params_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "prvr.train", "--data", str(data_path), "--out", str(out_dir),
+               "-m", "prvr.cli", "train-worker", "--data", str(data_path), "--out", str(out_dir),
                "--params", str(params_file)]
         if not progress:
             cmd.append("--no-progress")
@@ -308,8 +296,6 @@ def train_step(dataset_dir: str | Path, out_dir: str | Path, cfg: Config, nproc:
                             "see the log above")
         result = json.loads((out_dir / "train_summary.json").read_text())
     else:
-        from prvr.train import train
-
         result = train(cfg, data_path, out_dir, resume=resume, progress=progress)
     if not (out_dir / "model.pt").is_file():
         raise PrvrError(f"training finished without a checkpoint at {out_dir / 'model.pt'}")
@@ -334,79 +320,10 @@ def _checkpoint_of(model_dir: str | Path) -> Path:
     return p / "model.pt" if p.is_dir() else p
 
 
-def _img_tag(png: Path, alt: str) -> str:
-    import base64
-
-    data = base64.b64encode(png.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _recall_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
-    rows = []
-    for s in SCORES:
-        m = metrics[s]
-        rows.append([s] + [f"{m[k]:.1f}" for k in ("r1", "r5", "r10", "r100", "sumr", "medr", "mnr")])
-    return rows
-
-
-_RECALL_HEAD = ["score", "R@1", "R@5", "R@10", "R@100", "SumR", "MedR", "MnR"]
-
-
-def _mv_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
-    bins = metrics["fused"].get("mv_bins") or {}
-    return [[b, str(v["n"])] + [f"{metrics[s]['mv_bins'][b]['sumr']:.1f}" for s in SCORES]
-            for b, v in bins.items()]
-
-
-def report_markdown(metrics: Mapping[str, Any]) -> str:
-    """Recall table and per-M/V-bin SumR as Markdown (the KFP UI renders it)."""
-    def table(head: list[str], rows: list[list[str]]) -> list[str]:
-        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + \
-               ["| " + " | ".join(r) + " |" for r in rows]
-
-    lines = [f"# Evaluation: {metrics.get('variant', '')} on {metrics.get('split', '')}", "",
-             f"{metrics.get('num_queries')} queries x {metrics.get('num_videos')} videos, "
-             f"alpha={metrics.get('alpha')}, epoch {metrics.get('epoch')}", ""]
-    lines += table(_RECALL_HEAD, _recall_rows(metrics))
-    mv = _mv_rows(metrics)
-    if mv:
-        lines += ["", "## SumR per moment/video length bin", ""]
-        lines += table(["M/V bin", "queries"] + list(SCORES), mv)
-    return "\n".join(lines) + "\n"
-
-
-def report_html(metrics: Mapping[str, Any], plots: list[Path]) -> str:
-    """A self-contained HTML page: recall table, M/V table and the PNG charts inlined as base64."""
-    def table(head: list[str], rows: list[list[str]]) -> str:
-        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-        return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-    title = f"prvr evaluation: {metrics.get('variant', '')} on {metrics.get('split', '')}"
-    parts = [
-        "<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}img{max-width:100%}</style>",
-        "</head><body>", f"<h1>{html.escape(title)}</h1>",
-        f"<p>{metrics.get('num_queries')} queries x {metrics.get('num_videos')} videos, "
-        f"alpha={metrics.get('alpha')}, checkpoint epoch {metrics.get('epoch')}</p>",
-        "<h2>Recall</h2>", table(_RECALL_HEAD, _recall_rows(metrics)),
-    ]
-    mv = _mv_rows(metrics)
-    if mv:
-        parts += ["<h2>SumR per moment/video length bin</h2>", table(["M/V bin", "queries"] + list(SCORES), mv)]
-    parts += [_img_tag(p, p.stem) for p in plots]
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
 def evaluate_step(dataset_dir: str | Path, model_dir: str | Path, out_dir: str | Path, cfg: Config,
                   metrics_file: str | Path | None = None, split: str | None = None) -> dict[str, Any]:
     """Evaluate ``model_dir/model.pt`` on a split; writes metrics.json (or ``metrics_file``),
     plots/*.png, report.html (charts inlined) and report.md into ``out_dir``."""
-    from prvr.evaluate import evaluate
-    from prvr.plots import plot_evaluation
-
     t0 = time.time()
     data_path, cfg, _ = load_dataset(dataset_dir, cfg)
     out_dir = Path(out_dir)
@@ -449,8 +366,6 @@ def _build_index(checkpoint: Path, data_path: Path, cfg: Config, out_dir: Path) 
     """The test-split video index for serving; with `search.backend: faiss` its faiss index
     too (`search.index_type`, `search.refine_codes`), else every serving worker would train
     one when it loads."""
-    from prvr.search import build_index
-
     shutil.rmtree(out_dir, ignore_errors=True)
     ann = cfg.search.index_type if cfg.search.backend == "faiss" else None
     path = build_index(checkpoint, data_path, cfg.eval.split, out_dir, cfg, ann_type=ann)
@@ -458,16 +373,12 @@ def _build_index(checkpoint: Path, data_path: Path, cfg: Config, out_dir: Path) 
     return Path(path), f"index of the {cfg.eval.split} split{inside}, for the {cfg.search.backend} backend"
 
 
-def _trained_config(checkpoint: Path, cfg: Config) -> dict[str, Any]:
-    """The settings the model was trained with (the checkpoint's config), else ``cfg``'s."""
-    import torch
-
+def _trained_config(checkpoint: Path) -> dict[str, Any]:
+    """The settings the model was trained with (the checkpoint's config)."""
     try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for unreadable files
-        raise PrvrError(f"{checkpoint} is not a readable prvr checkpoint ({exc})") from None
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    return config if isinstance(config, dict) else cfg.to_dict()
+        return read_checkpoint(checkpoint)["config"]
+    except CheckpointError as exc:
+        raise PrvrError(str(exc)) from None
 
 
 def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path, dataset_dir: str | Path,
@@ -483,8 +394,6 @@ def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path
     ``out_dir`` (default: ``<model_dir>/../register``) and returns the decision
     (promoted, version, reason, candidate, production, ...).
     """
-    from prvr.registry import Registry
-
     t0 = time.time()
     data_path, cfg, record = load_dataset(dataset_dir, cfg)
     checkpoint = _checkpoint_of(model_dir)
@@ -499,7 +408,7 @@ def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path
         except (OSError, ValueError) as exc:
             raise PrvrError(f"cannot read the metrics JSON {metrics_file}: {exc}") from None
     else:
-        metrics_file = _write_json(out_dir / "metrics.json", dict(metrics))
+        metrics_file = write_json_atomic(out_dir / "metrics.json", dict(metrics))
     files: dict[str, Path] = {"model.pt": checkpoint, "metrics.json": metrics_file}
     index_dir, index_note = (None, "index skipped: disabled")
     if build_index:
@@ -511,127 +420,16 @@ def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path
     registry = Registry(uri, endpoint_url=endpoint_url or cfg.registry.endpoint_url)
     data_version = _data_version(Path(dataset_dir), record)
     decision = registry.register_if_better(cfg.registry.model_name, files, metrics,
-                                           params=_trained_config(checkpoint, cfg),
+                                           params=_trained_config(checkpoint),
                                            margin=margin, data_version=data_version)
     decision.update(model_name=cfg.registry.model_name, registry_uri=uri, margin=margin,
                     data_version=data_version, index=index_dir is not None, index_note=index_note)
     if decision.get("promoted") and index_dir is not None:
         # The TorchServe archive of the new production version, ready for `prvr serve`.
-        from prvr.packaging import build_archive
         decision["archive"] = str(build_archive(checkpoint, index_dir, out_dir / "model_store",
                                                 decision["version"], "prvr", cfg))
     decision["duration_seconds"] = round(time.time() - t0, 3)
-    _write_json(out_dir / DECISION_JSON, decision)
+    write_json_atomic(out_dir / DECISION_JSON, decision)
     _push("prvr-register", {"duration_seconds": decision["duration_seconds"],
                             "promoted": decision["promoted"], "candidate_sumr": decision["candidate"]}, cfg)
     return decision
-
-
-def format_decision(decision: Mapping[str, Any]) -> str:
-    """One paragraph for terminals: what the promotion gate decided and why."""
-    head = (f"registry {decision.get('registry_uri')} model {decision.get('model_name')}: "
-            + (f"promoted {decision['version']}" if decision.get("promoted")
-               else f"registered {decision['version']}, not promoted" if decision.get("version")
-               else "not registered"))
-    return "\n".join([head, f"reason: {decision.get('reason')}",
-                      f"data version: {decision.get('data_version')}; {decision.get('index_note')}"])
-
-
-# ----------------------------------------------------------------------------- CLI
-def _cfg(args: argparse.Namespace) -> Config:
-    from prvr.cli import config_from_args
-
-    return config_from_args(args)
-
-
-def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from prvr.data import format_stats
-
-    cfg = _cfg(args)
-    source = args.source or f"synth:{cfg.synth.preset}:{cfg.synth.seed}"
-    record = preprocess(source, args.out, cfg, readonly_source=args.readonly_source)
-    print(format_stats(record["stats"]))
-    print(f"wrote {Path(args.out) / DATASET_JSON}")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    result = train_step(args.dataset, args.out, _cfg(args), nproc=args.nproc, resume=not args.no_resume,
-                        progress=not args.no_progress)
-    print(f"best val SumR {result['best_sumr']:.1f} at epoch {result['best_epoch']} "
-          f"({result['epochs']} epochs, {result['duration_seconds']:.0f} s) -> {result['checkpoint']}")
-    return 0
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from prvr.evaluate import format_table
-
-    result = evaluate_step(args.dataset, args.model, args.out, _cfg(args), args.metrics, args.split)
-    m = result["metrics"]
-    print(f"{m['split']}: {m['num_queries']} queries x {m['num_videos']} videos ({m['variant']})")
-    print(format_table(m))
-    print(f"report: {result['html']}")
-    return 0
-
-
-def _cmd_register(args: argparse.Namespace) -> int:
-    cfg = _cfg(args)
-    decision = register_step(args.model, args.metrics, args.dataset, cfg, args.uri, args.margin,
-                             args.endpoint_url, args.out, build_index=not args.no_index)
-    print(format_decision(decision))
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """`prvr stage preprocess|train|evaluate|register`: the pipeline steps, as dvc.yaml runs them."""
-    from prvr.cli import add_config_args
-
-    parser = subparsers.add_parser(
-        "stage", help="run one pipeline step (the same functions the Kubeflow components call)",
-        description="The pipeline's steps: preprocess -> train -> evaluate -> register. dvc.yaml runs "
-                    "these; the Kubeflow components call the same functions.")
-    sub = parser.add_subparsers(dest="stage_command", metavar="STEP")
-    sub.required = True
-
-    p = sub.add_parser("preprocess", help="validate a collection (or synthesize one), encode its text, "
-                                          "write dataset.json")
-    p.add_argument("--source", default=None,
-                   help="collection folder, or synth:<preset>[:<seed>] (default: synth:<synth.preset>:<synth.seed>)")
-    p.add_argument("--out", required=True, help="dataset folder to write (dataset.json, text features)")
-    p.add_argument("--readonly-source", action="store_true",
-                   help="never write into the source: put the text-feature HDF5 into --out")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_preprocess)
-
-    p = sub.add_parser("train", help="train a model into a run folder")
-    p.add_argument("--dataset", required=True, help="dataset folder (dataset.json) or collection folder")
-    p.add_argument("--out", required=True, help="run folder: model.pt, last.pt, dvclive/, train_summary.json")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="processes (GPUs) for data-parallel training through torchrun (default 1)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("evaluate", help="metrics JSON, plots and an HTML/Markdown report of a model")
-    p.add_argument("--dataset", required=True, help="dataset folder (dataset.json) or collection folder")
-    p.add_argument("--model", required=True, help="run folder holding model.pt (or the .pt file)")
-    p.add_argument("--out", required=True, help="folder for metrics.json, plots/, report.html, report.md")
-    p.add_argument("--metrics", default=None, help="write the metrics JSON here instead of OUT/metrics.json")
-    p.add_argument("--split", default=None, help="train | val | test (default: eval.split)")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser("register", help="promotion gate: register the model (+ index) if it beats production")
-    p.add_argument("--model", required=True, help="run folder holding model.pt (or the .pt file)")
-    p.add_argument("--metrics", required=True, help="metrics JSON written by `prvr stage evaluate`")
-    p.add_argument("--dataset", required=True, help="dataset folder (dataset.json) or collection folder")
-    p.add_argument("--out", default=None, help="folder for decision.json and the index "
-                                               "(default: <model folder>/../register)")
-    p.add_argument("--uri", default=None, help="registry file://PATH or s3://BUCKET/PREFIX (default: registry.uri)")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: registry.endpoint_url)")
-    p.add_argument("--margin", type=float, default=None,
-                   help="SumR the candidate must beat production by (default: registry.promotion_margin)")
-    p.add_argument("--no-index", action="store_true", help="register without building the search index")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_register)

@@ -16,7 +16,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from prvr.data import SPLITS, caption_file_name
+from prvr.collection import SPLITS, caption_file_name
 from prvr.errors import DataError
 
-__all__ = ["Preset", "PRESETS", "synthesize", "register_cli"]
+__all__ = ["Preset", "PRESETS", "synthesize"]
 
 
 @dataclass(frozen=True)
@@ -278,26 +277,3 @@ def synthesize(out_root: str | Path, collection: str, preset: str = "tiny", seed
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
-
-
-def _cmd_synth(args: argparse.Namespace) -> int:
-    from prvr.cli import config_from_args
-
-    cfg = config_from_args(args)
-    path = synthesize(args.out or cfg.data.root, args.collection or cfg.data.collection,
-                      args.preset or cfg.synth.preset, cfg.synth.seed if args.seed is None else args.seed)
-    print(path)
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    from prvr.cli import add_config_args
-
-    p = subparsers.add_parser("synth", help="write a synthetic collection in the public feature-release format")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="collection size (default: synth.preset)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: synth.seed)")
-    p.add_argument("--out", default=None, help="root folder to write into (default: data.root)")
-    p.add_argument("--collection", default=None, help="collection name (default: data.collection)")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_synth)

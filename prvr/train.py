@@ -9,15 +9,15 @@ The best epoch by validation SumR of the fused score is kept as ``model.pt``.
 Usage::
 
     result = train(load_config(), "data/synth", "runs/train")   # -> {"best_sumr": ..., ...}
-    torchrun --nproc-per-node 2 -m prvr.train --data data/synth --out runs/train
+    torchrun --nproc-per-node 2 -m prvr.cli train-worker --data data/synth --out runs/train
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dvclive import Live
 from tqdm import tqdm
 
+from prvr.checkpoint import resolve_device, save_checkpoint, write_json_atomic
+from prvr.collection import Collection
 from prvr.config import Config
-from prvr.data import Collection
-from prvr.dataset import collate_queries
+from prvr.encoding import TextSource, VideoSource
 from prvr.errors import DataError
-from prvr.evaluate import evaluate_model, resolve_device, write_json_atomic
+from prvr.evaluate import evaluate_model
 from prvr.model import PRVRModel
-from prvr.sources import TextSource, VideoSource
+from prvr.views import collate_queries
 
 __all__ = ["train", "triplet_loss", "infonce_loss", "compute_loss", "build_optimizer",
-           "lr_at", "save_checkpoint"]
+           "lr_at", "setup", "train_batch", "end_epoch", "Step", "Run", "EpochStats"]
 
 
 # --------------------------------------------------------------------------- #
@@ -125,19 +127,125 @@ def lr_at(step: int, total_steps: int, cfg: Config) -> float:
 
 
 # --------------------------------------------------------------------------- #
+# What a run holds
+# --------------------------------------------------------------------------- #
+@dataclass
+class Step:
+    """What one optimisation step needs; a benchmark can build one directly and time the real step."""
+    cfg: Config
+    device: torch.device
+    texts: TextSource
+    videos: VideoSource                  # views of the training videos
+    queries_of: dict[str, list[str]]     # training video -> its cap_ids
+    model: PRVRModel
+    net: torch.nn.Module                 # the model, or its DDP wrapper (gradients sync through it)
+    optimizer: torch.optim.Optimizer
+    total_steps: int                     # for the lr schedule
+    state: dict[str, Any]                # train_batch reads "step", "lr_scale"; advances "step"
+    amp: bool                            # bfloat16 autocast (CUDA only)
+
+
+@dataclass
+class Run(Step):
+    """A whole run: a Step plus ranks, data splits, output paths and logging (set up once)."""
+    rank: int
+    world: int
+    collection: Collection
+    train_videos: list[str]
+    val_videos: list[str]
+    val_captions: list
+    val_source: VideoSource
+    out_dir: Path
+    live: Any                            # dvclive.Live on rank 0, else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "model.pt"
+
+
+@dataclass
+class EpochStats:
+    """This rank's totals for one epoch: the logged loss and throughput come from these."""
+    loss_sum: float = 0.0
+    batches: int = 0
+    videos: int = 0
+    queries: int = 0
+    t0: float = field(default_factory=time.time)
+    elapsed: float = 0.0
+
+    def add(self, loss: float, videos: int, queries: int) -> None:
+        self.loss_sum += loss
+        self.batches += 1
+        self.videos += videos
+        self.queries += queries
+
+    def rate(self) -> float:
+        return self.videos / max(time.time() - self.t0, 1e-9)
+
+    def stop(self) -> None:
+        self.elapsed = time.time() - self.t0
+
+
+def _new_state() -> dict[str, Any]:
+    """Counters saved in last.pt: everything besides weights that a resumed run must continue from."""
+    return {"epoch": 0, "step": 0, "best_sumr": -1.0, "best_epoch": 0, "bad_epochs": 0,
+            "lr_scale": 1.0, "restarts": 0, "history": []}
+
+
+# --------------------------------------------------------------------------- #
 # Checkpoints
 # --------------------------------------------------------------------------- #
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save through a temp file + rename: a kill never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def _load_state(path: Path, device: torch.device) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def _restore(run: Run) -> bool:
+    """Continue from last.pt if there is one: weights, optimizer and counters; False if none."""
+    saved = _load_state(run.last_path, run.device)
+    if saved is None:
+        return False
+    if saved["config"]["model"] != run.cfg.to_dict()["model"]:
+        raise DataError(f"{run.last_path} was written with other model settings; "
+                        "use a new --out folder or delete it")
+    run.model.load_state_dict(saved["state_dict"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.state.update(saved["state"])
+    if run.is_main:
+        print(f"resuming from {run.last_path} after epoch {run.state['epoch']}", file=sys.stderr)
+    return True
+
+
+def _snapshot(run: Run) -> tuple[dict, dict, dict]:
+    """Weights, optimizer and counters before an epoch: a collapsed epoch is redone from here."""
+    return ({k: v.detach().clone() for k, v in run.model.state_dict().items()},
+            _clone_opt_state(run.optimizer.state_dict()), dict(run.state))
+
+
+def _clone_opt_state(sd: dict[str, Any]) -> dict[str, Any]:
+    return {"state": {k: {n: (t.detach().clone() if torch.is_tensor(t) else t) for n, t in v.items()}
+                      for k, v in sd["state"].items()},
+            "param_groups": [dict(g) for g in sd["param_groups"]]}
+
+
+def _plain(obj: Any) -> Any:
+    """Metrics as plain Python values (checkpoints load with weights_only=True)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
 
 
 # --------------------------------------------------------------------------- #
@@ -152,6 +260,16 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def _devices(cfg: Config) -> tuple[torch.device, int, int]:
+    """This process's device, rank and world size; under torchrun each rank gets its own GPU."""
+    device = resolve_device(cfg.train.device)
+    rank, world = _init_distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device, rank, world
+
+
 def _broadcast_flag(value: int, world: int) -> int:
     if world == 1:
         return value
@@ -160,8 +278,17 @@ def _broadcast_flag(value: int, world: int) -> int:
     return int(t.item())
 
 
+def _broadcast_state(state: dict[str, Any], world: int) -> dict[str, Any]:
+    """Rank 0 decides early stopping; others follow its counters."""
+    if world == 1:
+        return state
+    box = [state]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
 # --------------------------------------------------------------------------- #
-# The training loop
+# Set-up
 # --------------------------------------------------------------------------- #
 def _splits(collection: Collection, seed: int) -> tuple[list[str], list[str], list]:
     """Train videos, validation videos and validation captions.
@@ -180,6 +307,162 @@ def _splits(collection: Collection, seed: int) -> tuple[list[str], list[str], li
             [c for c in collection.captions("train") if c.video_id in held])
 
 
+def setup(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool = True) -> Run:
+    """Data, model, optimizer and counters of a run, restored from OUT/last.pt when resuming.
+
+    The model is built right after torch.manual_seed(seed), so its initial weights depend on
+    the seed alone. Sets cfg.model.video_dim/text_dim from the collection."""
+    out_dir = Path(out_dir)
+    device, rank, world = _devices(cfg)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    collection = Collection(data_path, cfg.data.video_feature, cfg.data.text_feature_file)
+    texts = TextSource(collection, cfg)
+    cfg.model.video_dim, cfg.model.text_dim = collection.video_dim, texts.dim
+    train_videos, val_videos, val_captions = _splits(collection, cfg.train.seed)
+    queries_of: dict[str, list[str]] = {}
+    for c in collection.captions("train"):
+        queries_of.setdefault(c.video_id, []).append(c.cap_id)
+    videos = VideoSource(collection, cfg, train_videos)
+    val_source = VideoSource(collection, cfg, val_videos)
+
+    torch.manual_seed(cfg.train.seed)
+    model = PRVRModel(cfg.model).to(device)
+    run = Run(cfg=cfg, device=device, texts=texts, videos=videos, queries_of=queries_of,
+              model=model, net=model, optimizer=build_optimizer(model, cfg),
+              total_steps=math.ceil(len(train_videos) / cfg.train.batch_size) * cfg.train.epochs,
+              state=_new_state(), amp=cfg.train.amp and device.type == "cuda", rank=rank,
+              world=world, collection=collection, train_videos=train_videos,
+              val_videos=val_videos, val_captions=val_captions, val_source=val_source,
+              out_dir=out_dir, live=None)
+    resumed = resume and _restore(run)
+    if world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if run.is_main:
+        run.live = Live(str(out_dir / "dvclive"), resume=resumed, save_dvc_exp=False,
+                        dvcyaml=None, report=None)
+    return run
+
+
+# --------------------------------------------------------------------------- #
+# One step, one epoch's end
+# --------------------------------------------------------------------------- #
+def train_batch(step: Step, batch_videos: list[str], hard: bool,
+                gen: torch.Generator) -> tuple[float, int]:
+    """One optimisation step on these videos and all their queries: (loss, number of queries).
+
+    `gen` also draws the loss's negatives, so runs repeat only if it is used in the same order."""
+    cfg, device, state = step.cfg, step.device, step.state
+    cap_ids = [c for v in batch_videos for c in step.queries_of[v]]
+    labels = torch.tensor([i for i, v in enumerate(batch_videos) for _ in step.queries_of[v]],
+                          device=device)
+    vb = step.videos.batch(batch_videos).to(device)
+    tokens, tmask = collate_queries(step.texts.get(cap_ids), cfg.model.max_desc_len)
+    for group in step.optimizer.param_groups:
+        group["lr"] = lr_at(state["step"], step.total_steps, cfg) * state["lr_scale"]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=step.amp):
+        out = step.net(tokens.to(device), tmask.to(device), vb.units, vb.frames, vb.frame_mask)
+        loss, _ = compute_loss({k: v.float() for k, v in out.items()}, labels, cfg, hard, gen)
+    step.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(step.model.parameters(), cfg.train.grad_clip)
+    step.optimizer.step()
+    state["step"] += 1
+    return loss.item(), len(cap_ids)
+
+
+def end_epoch(run: Run, epoch: int, snapshot: tuple[dict, dict, dict], stats: EpochStats) -> None:
+    """Validate on rank 0; redo the epoch if query embeddings collapsed, else record and save it.
+
+    Every rank follows rank 0's decision and counters, so all leave the loop together."""
+    val = None
+    decision = 0  # 0 continue, 1 collapsed: redo the epoch at a lower lr
+    if run.is_main:
+        val = evaluate_model(run.model, run.collection, run.texts, run.val_captions, run.val_videos,
+                             run.cfg, run.device, run.val_source)
+        collapsed = (val["query_spread"] > run.cfg.train.collapse_cosine
+                     and run.state["restarts"] < run.cfg.train.max_collapse_restarts)
+        decision = 1 if collapsed else 0
+    if _broadcast_flag(decision, run.world) == 1:
+        _rollback(run, snapshot, epoch, val)
+        return
+    run.state["epoch"] = epoch
+    if run.is_main:
+        _record_epoch(run, epoch, val, stats)
+    run.state = _broadcast_state(run.state, run.world)
+
+
+def _rollback(run: Run, snapshot: tuple[dict, dict, dict], epoch: int, val: dict | None) -> None:
+    """Back to before the epoch, one restart spent and the lr scaled down."""
+    weights, opt_state, state = snapshot
+    run.model.load_state_dict(weights)
+    run.optimizer.load_state_dict(opt_state)
+    restarts = run.state["restarts"] + 1
+    run.state = dict(state)
+    run.state["restarts"] = restarts
+    run.state["lr_scale"] *= run.cfg.train.collapse_lr_factor
+    if run.is_main:
+        print(f"epoch {epoch}: query embeddings collapsed (mean pairwise cosine "
+              f"{val['query_spread']:.4f} > {run.cfg.train.collapse_cosine}); redoing it at "
+              f"lr x {run.state['lr_scale']:.3g}", file=sys.stderr)
+
+
+def _record_epoch(run: Run, epoch: int, val: dict, stats: EpochStats) -> None:
+    """Rank 0: history, model.pt if best so far, last.pt always, dvclive and the epoch line."""
+    state, cfg = run.state, run.cfg
+    sumr = val["fused"]["sumr"]
+    record = {"epoch": epoch, "loss": stats.loss_sum / max(stats.batches, 1), "val_sumr": sumr,
+              "val_r1": val["fused"]["r1"], "query_spread": val["query_spread"],
+              "videos_per_s": stats.videos * run.world / max(stats.elapsed, 1e-9),
+              "queries_per_s": stats.queries * run.world / max(stats.elapsed, 1e-9),
+              "lr_scale": state["lr_scale"]}
+    state["history"].append(record)
+    if sumr > state["best_sumr"]:
+        state.update(best_sumr=sumr, best_epoch=epoch, bad_epochs=0)
+        save_checkpoint(run.best_path, {"state_dict": run.model.state_dict(), "config": cfg.to_dict(),
+                                        "epoch": epoch, "metrics": _plain(val),
+                                        "text_encoder": run.texts.encoder_name})
+    else:
+        state["bad_epochs"] += 1
+    save_checkpoint(run.last_path, {"state_dict": run.model.state_dict(),
+                                    "optimizer": run.optimizer.state_dict(),
+                                    "config": cfg.to_dict(), "state": state})
+    _log_metrics(run.live, record, val)
+    print(f"epoch {epoch}: loss {record['loss']:.4f}  val SumR {sumr:.1f}  "
+          f"R@1 {val['fused']['r1']:.1f}  spread {val['query_spread']:.3f}  "
+          f"{record['videos_per_s']:.1f} videos/s", file=sys.stderr)
+
+
+def _log_metrics(live: Any, record: dict[str, Any], val: dict) -> None:
+    live.log_metric("train/loss", record["loss"])
+    for k in ("r1", "r5", "r10", "r100", "sumr"):
+        live.log_metric(f"val/{k}", val["fused"][k])
+    live.log_metric("val/clip_sumr", val["clip"]["sumr"])
+    live.log_metric("val/frame_sumr", val["frame"]["sumr"])
+    live.log_metric("val/query_spread", val["query_spread"])
+    live.log_metric("train/videos_per_s", record["videos_per_s"])
+    live.next_step()
+
+
+def _finish(run: Run) -> dict[str, Any]:
+    """The run's summary, also written as train_summary.json by rank 0; waits for every rank."""
+    state = run.state
+    result = {"best_sumr": state["best_sumr"], "best_epoch": state["best_epoch"],
+              "epochs": state["epoch"], "stopped_early": state["bad_epochs"] >= run.cfg.train.patience,
+              "collapse_restarts": state["restarts"], "checkpoint": str(run.best_path),
+              "history": state["history"]}
+    if run.is_main:
+        run.live.end()
+        write_json_atomic(run.out_dir / "train_summary.json", result)
+    if run.world > 1:
+        dist.barrier()
+    return result
+
+
+# --------------------------------------------------------------------------- #
+# The training loop
+# --------------------------------------------------------------------------- #
 def train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool = True,
           progress: bool = True) -> dict[str, Any]:
     """Train one model; returns the best validation metrics and where the checkpoint is.
@@ -197,230 +480,28 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool 
 
 def _train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool,
            progress: bool) -> dict[str, Any]:
-    out_dir = Path(out_dir)
-    device = resolve_device(cfg.train.device)
-    rank, world = _init_distributed(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    is_main = rank == 0
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    collection = Collection(data_path, cfg.data.video_feature, cfg.data.text_feature_file)
-    texts = TextSource(collection, cfg)
-    cfg.model.video_dim, cfg.model.text_dim = collection.video_dim, texts.dim
-    train_videos, val_videos, val_captions = _splits(collection, cfg.train.seed)
-    queries_of: dict[str, list[str]] = {}
-    for c in collection.captions("train"):
-        queries_of.setdefault(c.video_id, []).append(c.cap_id)
-    videos = VideoSource(collection, cfg, train_videos)
-    val_source = VideoSource(collection, cfg, val_videos)
-
-    torch.manual_seed(cfg.train.seed)
-    model = PRVRModel(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(train_videos) / cfg.train.batch_size)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    state = {"epoch": 0, "step": 0, "best_sumr": -1.0, "best_epoch": 0, "bad_epochs": 0,
-             "lr_scale": 1.0, "restarts": 0, "history": []}
-    last_path, best_path = out_dir / "last.pt", out_dir / "model.pt"
-    saved = _load_state(last_path, device) if resume else None
-    if saved is not None:
-        if saved["config"]["model"] != cfg.to_dict()["model"]:
-            raise DataError(f"{last_path} was written with other model settings; "
-                            "use a new --out folder or delete it")
-        model.load_state_dict(saved["state_dict"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state.update(saved["state"])
-        if is_main:
-            print(f"resuming from {last_path} after epoch {state['epoch']}", file=sys.stderr)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    live = None
-    if is_main:
-        from dvclive import Live
-        live = Live(str(out_dir / "dvclive"), resume=saved is not None, save_dvc_exp=False,
-                    dvcyaml=None, report=None)
-    amp = cfg.train.amp and device.type == "cuda"
-    stopped_early = False
-
-    while state["epoch"] < cfg.train.epochs and state["bad_epochs"] < cfg.train.patience:
-        epoch = state["epoch"] + 1
-        snapshot = ({k: v.detach().clone() for k, v in model.state_dict().items()},
-                    _clone_opt_state(optimizer.state_dict()), dict(state))
-        torch.manual_seed(cfg.train.seed * 1000 + epoch * 7 + state["restarts"])
-        gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch)
-        order = [train_videos[i] for i in torch.randperm(len(train_videos), generator=gen).tolist()]
-        hard = epoch >= cfg.train.hard_negative_start_epoch
-        net.train()
-        t0, seen_videos, seen_queries, loss_sum, batches = time.time(), 0, 0, 0.0, 0
-        bar = tqdm(range(0, len(order), cfg.train.batch_size), desc=f"epoch {epoch}",
-                   disable=not (progress and is_main), leave=False, file=sys.stderr)
+    run, t = setup(cfg, data_path, out_dir, resume), cfg.train
+    while run.state["epoch"] < t.epochs and run.state["bad_epochs"] < t.patience:
+        epoch = run.state["epoch"] + 1
+        snapshot = _snapshot(run)
+        # every epoch's randomness comes from (seed, epoch[, restarts]): what makes resume exact
+        torch.manual_seed(t.seed * 1000 + epoch * 7 + run.state["restarts"])
+        gen = torch.Generator().manual_seed(t.seed * 1000 + epoch)  # the order, then loss negatives
+        order = [run.train_videos[i]
+                 for i in torch.randperm(len(run.train_videos), generator=gen).tolist()]
+        hard = epoch >= t.hard_negative_start_epoch
+        run.net.train()
+        stats = EpochStats()
+        bar = tqdm(range(0, len(order), t.batch_size), desc=f"epoch {epoch}",
+                   disable=not (progress and run.is_main), leave=False, file=sys.stderr)
         for start in bar:
-            batch_videos = order[start:start + cfg.train.batch_size][rank::world]
+            batch_videos = order[start:start + t.batch_size][run.rank::run.world]
             if not batch_videos:
                 continue
-            cap_ids = [c for v in batch_videos for c in queries_of[v]]
-            labels = torch.tensor([i for i, v in enumerate(batch_videos) for _ in queries_of[v]],
-                                  device=device)
-            vb = videos.batch(batch_videos).to(device)
-            tokens, tmask = collate_queries(texts.get(cap_ids), cfg.model.max_desc_len)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state["step"], total_steps, cfg) * state["lr_scale"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = net(tokens.to(device), tmask.to(device), vb.units, vb.frames, vb.frame_mask)
-                loss, parts = compute_loss({k: v.float() for k, v in out.items()}, labels, cfg, hard, gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            state["step"] += 1
-            batches += 1
-            loss_sum += loss.item()
-            seen_videos += len(batch_videos)
-            seen_queries += len(cap_ids)
-            rate = seen_videos / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum / batches:.4f}", videos_per_s=f"{rate:.1f}")
-        elapsed = time.time() - t0
-
-        decision = 0  # 0 continue, 1 collapsed: redo the epoch at a lower lr
-        if is_main:
-            val = evaluate_model(model, collection, texts, val_captions, val_videos, cfg, device,
-                                 val_source)
-            collapsed = (val["query_spread"] > cfg.train.collapse_cosine
-                         and state["restarts"] < cfg.train.max_collapse_restarts)
-            decision = 1 if collapsed else 0
-        decision = _broadcast_flag(decision, world)
-        if decision == 1:
-            model.load_state_dict(snapshot[0])
-            optimizer.load_state_dict(snapshot[1])
-            restarts = state["restarts"] + 1
-            state = dict(snapshot[2])
-            state["restarts"] = restarts
-            state["lr_scale"] *= cfg.train.collapse_lr_factor
-            if is_main:
-                print(f"epoch {epoch}: query embeddings collapsed (mean pairwise cosine "
-                      f"{val['query_spread']:.4f} > {cfg.train.collapse_cosine}); redoing it at "
-                      f"lr x {state['lr_scale']:.3g}", file=sys.stderr)
-            continue
-
-        state["epoch"] = epoch
-        if is_main:
-            sumr = val["fused"]["sumr"]
-            record = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "val_sumr": sumr,
-                      "val_r1": val["fused"]["r1"], "query_spread": val["query_spread"],
-                      "videos_per_s": seen_videos * world / max(elapsed, 1e-9),
-                      "queries_per_s": seen_queries * world / max(elapsed, 1e-9),
-                      "lr_scale": state["lr_scale"]}
-            state["history"].append(record)
-            if sumr > state["best_sumr"]:
-                state.update(best_sumr=sumr, best_epoch=epoch, bad_epochs=0)
-                save_checkpoint(best_path, {"state_dict": model.state_dict(), "config": cfg.to_dict(),
-                                            "epoch": epoch, "metrics": _plain(val),
-                                            "text_encoder": texts.encoder_name})
-            else:
-                state["bad_epochs"] += 1
-            save_checkpoint(last_path, {"state_dict": model.state_dict(),
-                                        "optimizer": optimizer.state_dict(),
-                                        "config": cfg.to_dict(), "state": state})
-            live.log_metric("train/loss", record["loss"])
-            for k in ("r1", "r5", "r10", "r100", "sumr"):
-                live.log_metric(f"val/{k}", val["fused"][k])
-            live.log_metric("val/clip_sumr", val["clip"]["sumr"])
-            live.log_metric("val/frame_sumr", val["frame"]["sumr"])
-            live.log_metric("val/query_spread", val["query_spread"])
-            live.log_metric("train/videos_per_s", record["videos_per_s"])
-            live.next_step()
-            print(f"epoch {epoch}: loss {record['loss']:.4f}  val SumR {sumr:.1f}  "
-                  f"R@1 {val['fused']['r1']:.1f}  spread {val['query_spread']:.3f}  "
-                  f"{record['videos_per_s']:.1f} videos/s", file=sys.stderr)
-        state = _broadcast_state(state, world)
-    stopped_early = state["bad_epochs"] >= cfg.train.patience
-    result = {"best_sumr": state["best_sumr"], "best_epoch": state["best_epoch"],
-              "epochs": state["epoch"], "stopped_early": stopped_early,
-              "collapse_restarts": state["restarts"], "checkpoint": str(best_path),
-              "history": state["history"]}
-    if is_main:
-        live.end()
-        write_json_atomic(out_dir / "train_summary.json", result)
-    if world > 1:
-        dist.barrier()
-    return result
-
-
-def _clone_opt_state(sd: dict[str, Any]) -> dict[str, Any]:
-    return {"state": {k: {n: (t.detach().clone() if torch.is_tensor(t) else t) for n, t in v.items()}
-                      for k, v in sd["state"].items()},
-            "param_groups": [dict(g) for g in sd["param_groups"]]}
-
-
-def _broadcast_state(state: dict[str, Any], world: int) -> dict[str, Any]:
-    """Rank 0 decides early stopping; others follow its counters."""
-    if world == 1:
-        return state
-    box = [state]
-    dist.broadcast_object_list(box, 0)
-    return box[0]
-
-
-def _plain(obj: Any) -> Any:
-    """Metrics as plain Python values (checkpoints load with weights_only=True)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
-
-
-# --------------------------------------------------------------------------- #
-# CLI
-# --------------------------------------------------------------------------- #
-def _add_args(p: argparse.ArgumentParser) -> None:
-    from prvr.cli import add_config_args
-    p.add_argument("--data", required=True, help="collection folder ROOT/COLL")
-    p.add_argument("--out", required=True, help="run folder: model.pt (best), last.pt, dvclive/")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/last.pt exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    from prvr.cli import config_from_args
-    cfg = config_from_args(args)
-    result = train(cfg, args.data, args.out, resume=not args.no_resume, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"best val SumR {result['best_sumr']:.1f} at epoch {result['best_epoch']} "
-              f"({result['epochs']} epochs) -> {result['checkpoint']}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("train", help="train a model (resumes from OUT/last.pt)",
-                              description="Train MS-SL++ (or model.variant) on a collection. "
-                                          "Run under torchrun for data-parallel training.")
-    _add_args(p)
-    p.set_defaults(func=_cli)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for `python -m prvr.train` (used by torchrun and the PyTorchJob)."""
-    from prvr.errors import PrvrError
-    p = argparse.ArgumentParser(prog="python -m prvr.train", description="Train a prvr model.")
-    _add_args(p)
-    args = p.parse_args(argv)
-    try:
-        return _cli(args)
-    except PrvrError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            loss, n_queries = train_batch(run, batch_videos, hard, gen)
+            stats.add(loss, len(batch_videos), n_queries)
+            bar.set_postfix(loss=f"{stats.loss_sum / stats.batches:.4f}",
+                            videos_per_s=f"{stats.rate():.1f}")
+        stats.stop()
+        end_epoch(run, epoch, snapshot, stats)
+    return _finish(run)

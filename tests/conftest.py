@@ -72,7 +72,7 @@ def tiny_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def text_encoder():
     from prvr.text import TextEncoder
 
-    return TextEncoder("minilm", max_tokens=30)
+    return TextEncoder("minilm", max_tokens=30, precision="float32")
 
 
 @pytest.fixture(scope="session")

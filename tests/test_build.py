@@ -191,7 +191,8 @@ def test_dockerfile_stages_and_runtime():
     assert "inference_address=http://0.0.0.0:8080" in cmd and "management_address" not in cmd
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] not in ("root", "0", "0:0"), "images must not run as root"
-    assert "WORKDIR /app" in text and "params.yaml" in text
+    # the settings ship inside the package; the image copies no second params.yaml
+    assert "WORKDIR /app" in text and not re.search(r"^COPY .*params\.yaml", text, re.M)
 
 
 def test_dockerignore_keeps_context_small():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import prvr.cli
-from prvr.data import BigFile, Collection, mv_bins, parse_video2frames, video_id_of
+from prvr.collection import BigFile, Collection, mv_bins, parse_video2frames, video_id_of
 from prvr.errors import DataError
 from conftest import TOY_DIM, TOY_ROWS, TOY_TEXT_DIM, TOY_VIDEOS, toy_row_values
 
@@ -217,7 +217,6 @@ def test_text_feature_file_is_configurable(toy_collection):
 
 
 def _main(argv: list[str], monkeypatch) -> int:
-    monkeypatch.setattr(prvr.cli, "COMMAND_MODULES", ("prvr.data",))
     return prvr.cli.main(argv)
 
 

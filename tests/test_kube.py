@@ -6,7 +6,8 @@ import argparse
 import pytest
 import yaml
 
-from prvr.kube import pytorchjob_spec, register_cli
+from prvr.cli.kube import register_cli
+from prvr.kube import pytorchjob_spec
 
 
 def run_cli(argv: list[str]) -> int:
@@ -38,7 +39,7 @@ def test_cli_writes_a_valid_pytorchjob(tmp_path):
         assert cmd[:3] == ["torchrun", "--nnodes=3", "--nproc-per-node=4"]
         assert "--node-rank=$(RANK)" in cmd and "--master-addr=$(MASTER_ADDR)" in cmd
         i = cmd.index("-m")
-        assert cmd[i + 1:] == ["prvr.train", "--params", "params.yaml", "--set", "train.lr=5e-5"]
+        assert cmd[i + 1:] == ["prvr.cli", "train-worker", "--params", "params.yaml", "--set", "train.lr=5e-5"]
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
 
 
@@ -47,7 +48,7 @@ def test_single_node_cpu():
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert list(replicas) == ["Master"]
     [c] = replicas["Master"]["template"]["spec"]["containers"]
-    assert "resources" not in c and c["command"][-2:] == ["-m", "prvr.train"]
+    assert "resources" not in c and c["command"][-3:] == ["-m", "prvr.cli", "train-worker"]
     assert yaml.safe_load(yaml.safe_dump(job)) == job
 
 

@@ -130,7 +130,7 @@ def test_components_as_plain_functions(tmp_path: Path, tiny_encoded: Path) -> No
 def test_demo_without_pipeline_prints_data_metrics_and_decision(tmp_path: Path, monkeypatch, capsys) -> None:
     import argparse
 
-    from prvr import demo
+    from prvr.cli import demo
 
     parser = argparse.ArgumentParser(prog="prvr")
     demo.register_cli(parser.add_subparsers(dest="command"))

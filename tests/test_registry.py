@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from prvr.checkpoint import sha256_file
+from prvr.cli.registry import register_cli
 from prvr.errors import RegistryError
-from prvr.registry import Registry, register_cli, resolve_metric, sha256_file
+from prvr.registry import Registry, resolve_metric
 
 try:
     from helpers.servers import MotoS3, aws_test_env, free_port

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prvr.config import SearchConfig, load_config
+from prvr.config import ConfigError, SearchConfig, default_config, load_config
 from prvr.errors import SearchIndexError
 from prvr.model import VideoEmbeddings, score
 from prvr.search import ExactSearch, VideoIndex, build_index_from_embeddings, make_engine
 from prvr.search.ann import FaissSearch, ann_params, train_and_add
-from prvr.search import index as index_mod
+from prvr.search import build as build_mod
 from prvr.search.exact import bf16_supported
 
 
@@ -37,9 +37,16 @@ def _queries(emb: VideoEmbeddings, Q: int, seed: int = 1) -> torch.Tensor:
     return torch.cat([near, torch.randn(Q - Q // 2, H, generator=g)])
 
 
+def search_cfg(**changes) -> SearchConfig:
+    """The packaged search settings with `changes` (validated together)."""
+    return default_config().search.replace(**changes)
+
+
 def _write(emb: VideoEmbeddings, path: Path, **kw) -> Path:
     N = emb.clips.shape[0]
     kw.setdefault("model_version", "v1")
+    kw.setdefault("map_size", 32)
+    kw.setdefault("alpha", 0.7)
     return build_index_from_embeddings(emb, np.full(N, 64), [f"vid{i}" for i in range(N)], path, **kw)
 
 
@@ -133,7 +140,7 @@ def test_crash_mid_build_keeps_old_index(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
-    monkeypatch.setattr(index_mod, "write_manifest", boom)
+    monkeypatch.setattr(build_mod, "write_manifest", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         _write(_emb(12, seed=1), out, model_version="new")
     old = VideoIndex.load(out, expect_model_version="old", verify=True)
@@ -148,16 +155,16 @@ def test_crash_mid_build_keeps_old_index(tmp_path, monkeypatch):
 def test_faiss_flat_equals_exact_and_hnsw_recall(tmp_path):
     pytest.importorskip("faiss")
     emb = _emb(400, K=8, H=32, dup=False)
-    index = VideoIndex.load(_write(emb, tmp_path / "idx", ann=SearchConfig(index_type="hnsw")))
+    index = VideoIndex.load(_write(emb, tmp_path / "idx", ann=search_cfg(index_type="hnsw")))
     assert index.manifest["ann"]["index_type"] == "hnsw" and (index.path / "faiss.index").is_file()
     q = _queries(emb, 30)
     exact = ExactSearch(index).search(q, 10)
-    flat = make_engine(index, SearchConfig(backend="faiss", index_type="flat", candidates=400)).search(q, 10)
+    flat = make_engine(index, search_cfg(backend="faiss", index_type="flat", candidates=400)).search(q, 10)
     assert torch.equal(flat.video_idx, exact.video_idx)
     assert torch.allclose(flat.fused, exact.fused, atol=1e-5)
     overlaps = {}
     for kind in ("hnsw", "ivf", "ivfpq", "ivfpqfs"):
-        cfg = SearchConfig(backend="faiss", index_type=kind, nlist=16, nprobe=4, pq_m=8, candidates=40,
+        cfg = search_cfg(backend="faiss", index_type=kind, nlist=16, nprobe=4, pq_m=8, candidates=40,
                            refine=200)
         res = make_engine(index, cfg).search(q, 10)
         ok = res.video_idx >= 0
@@ -166,7 +173,7 @@ def test_faiss_flat_equals_exact_and_hnsw_recall(tmp_path):
         assert torch.allclose(res.fused[ok], ref[ok], atol=1e-5)
         overlaps[kind] = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10
                                   for a, b in zip(res.video_idx, exact.video_idx)])
-    refined = make_engine(index, SearchConfig(backend="faiss", index_type="ivfpqfs", nlist=16, nprobe=16,
+    refined = make_engine(index, search_cfg(backend="faiss", index_type="ivfpqfs", nlist=16, nprobe=16,
                                               pq_m=8, refine_codes="pq8", candidates=40, refine=400))
     assert refined.faiss.__class__.__name__ == "IndexRefine"
     res = refined.search(q, 10)
@@ -188,7 +195,7 @@ def test_faiss_reranks_from_an_fp16_index(tmp_path):
     assert index.clips.dtype == np.float16
     q = _queries(emb, 20)
     exact = ExactSearch(index, precision="fp32").search(q, 10)
-    flat = make_engine(index, SearchConfig(backend="faiss", index_type="flat", candidates=200)).search(q, 10)
+    flat = make_engine(index, search_cfg(backend="faiss", index_type="flat", candidates=200)).search(q, 10)
     assert torch.equal(flat.video_idx, exact.video_idx)
     assert torch.allclose(flat.fused, exact.fused, atol=1e-5)
     assert torch.equal(flat.key_clip, exact.key_clip)
@@ -199,7 +206,7 @@ def test_faiss_refine_codes_rescore_hits_in_faiss_and_follow_the_config(tmp_path
     the stored file's codes give way to the config's, both ways, and scores stay exact."""
     faiss = pytest.importorskip("faiss")
     emb = _emb(300, K=8, H=32, dup=False)
-    built = SearchConfig(index_type="ivfpqfs", nlist=8, nprobe=8, pq_m=8, refine_codes="fp16")
+    built = search_cfg(index_type="ivfpqfs", nlist=8, nprobe=8, pq_m=8, refine_codes="fp16")
     index = VideoIndex.load(_write(emb, tmp_path / "idx", ann=built))
     assert index.manifest["ann"]["refine_codes"] == "fp16"
     q = _queries(emb, 20)
@@ -207,7 +214,7 @@ def test_faiss_refine_codes_rescore_hits_in_faiss_and_follow_the_config(tmp_path
     ref = score(q, emb.clips, emb.attended, 0.7).fused
     results = {}
     for codes in ("fp16", "sq8", "arrays"):
-        eng = make_engine(index, SearchConfig(backend="faiss", index_type="ivfpqfs", nprobe=8,
+        eng = make_engine(index, search_cfg(backend="faiss", index_type="ivfpqfs", nprobe=8,
                                               refine_codes=codes, refine=400, candidates=40))
         assert isinstance(eng.faiss, faiss.IndexRefine) == (codes != "arrays"), codes
         assert eng.params["refine_codes"] == codes
@@ -221,10 +228,10 @@ def test_faiss_refine_codes_rescore_hits_in_faiss_and_follow_the_config(tmp_path
     assert torch.equal(results["fp16"].video_idx, results["arrays"].video_idx)
     # the codes an index object carries count, not the config's claim about it
     plain = train_and_add(index.clips, index.attended, ann_params(built, 300 * 8, index.alpha) | {"refine_codes": "arrays"})
-    given = FaissSearch(index, SearchConfig(backend="faiss", nprobe=8, refine_codes="fp16"), faiss_index=plain)
+    given = FaissSearch(index, search_cfg(backend="faiss", nprobe=8, refine_codes="fp16"), faiss_index=plain)
     assert isinstance(given.faiss, faiss.IndexRefine) and given.params["refine_codes"] == "fp16"
-    with pytest.raises(SearchIndexError, match="refine_codes"):
-        make_engine(index, SearchConfig(backend="faiss", refine_codes="fp8"))
+    with pytest.raises(ConfigError, match="search.refine_codes"):
+        search_cfg(backend="faiss", refine_codes="fp8")
 
 
 @pytest.mark.integration
@@ -235,7 +242,7 @@ def test_milvus_matches_exact(tmp_path):
     index = VideoIndex.load(_write(emb, tmp_path / "idx"))
     q = _queries(emb, 4)              # every video as a group: Milvus Lite needs ~2 s per query
     exact = ExactSearch(index).search(q, 10)
-    cfg = SearchConfig(backend="milvus", milvus_uri=str(tmp_path / "m.db"), milvus_candidates=2000)
+    cfg = search_cfg(backend="milvus", milvus_uri=str(tmp_path / "m.db"), milvus_candidates=2000)
     eng = make_engine(index, cfg)
     res = eng.search(q, 10)
     assert torch.equal(res.video_idx, exact.video_idx)
@@ -250,7 +257,7 @@ def test_milvus_matches_exact(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_encoded, text_encoder, tmp_path_factory) -> Path:
     """An untrained checkpoint in `prvr train`'s format (training adds nothing to what is tested)."""
-    from prvr.data import Collection
+    from prvr.collection import Collection
     from prvr.model import PRVRModel
     cfg = load_config(None, [])
     coll = Collection(tiny_encoded)
@@ -265,9 +272,9 @@ def tiny_checkpoint(tiny_encoded, text_encoder, tmp_path_factory) -> Path:
 
 def test_cli_build_and_search(tiny_encoded, tiny_checkpoint, tmp_path, capsys):
     from prvr.cli import main
-    from prvr.evaluate import encode_corpus, load_model
-    from prvr.data import Collection
-    from prvr.sources import VideoSource
+    from prvr.encoding import encode_corpus, load_model
+    from prvr.collection import Collection
+    from prvr.encoding import VideoSource
     out = tmp_path / "idx"
     assert main(["index", "build", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_encoded),
                  "--split", "test", "--out", str(out), "--model-version", "7"]) == 0
@@ -299,7 +306,7 @@ def test_truth_ranks_equal_ranks_of_the_full_score_matrix():
     attended = torch.nn.functional.normalize(torch.randn(40, 6, 16, generator=g), dim=-1)
     q = torch.randn(25, 16, generator=g)
     truth = torch.randint(0, 40, (25,), generator=g).numpy()
-    engine = ExactSearch(VideoIndex.from_arrays(clips.numpy(), attended.numpy()), video_chunk=7,
+    engine = ExactSearch(VideoIndex.from_arrays(clips.numpy(), attended.numpy(), alpha=0.6), video_chunk=7,
                          precision="fp32")
     got = engine.truth_ranks(q, truth, alpha=0.6, query_chunk=4)
     s = score(q, clips, attended, 0.6)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from prvr.config import Config, load_config
+from prvr.config import Config, default_config, load_config
 from prvr.errors import CheckpointError, RequestError, SearchIndexError
 from prvr.model import PRVRModel, score
 from prvr.serving import (METRICS, Request, Retriever, TorchServeService, parse_request)
@@ -29,7 +29,7 @@ _ARTIFACTS: dict[str, SimpleNamespace] = {}
 
 def make_checkpoint(path: Path, video_dim: int, text_dim: int, encoder_name: str, seed: int = 0) -> Path:
     """A randomly initialised MS-SL++ checkpoint with the real format (no training needed)."""
-    cfg = Config()
+    cfg = default_config()
     cfg.model.video_dim, cfg.model.text_dim = video_dim, text_dim
     torch.manual_seed(seed)
     model = PRVRModel(cfg.model)
@@ -43,9 +43,9 @@ def serving_artifacts(root: Path, encoder) -> SimpleNamespace:
     """Checkpoint + index (tiny synthetic test split) + prvr-v0001.mar / prvr-v0002.mar, built once."""
     if "a" in _ARTIFACTS:
         return _ARTIFACTS["a"]
-    from prvr.data import Collection
-    from prvr.packaging import build_archive
-    from prvr.search import build_index
+    from prvr.collection import Collection
+    from prvr.archive import build_archive
+    from prvr.indexing import build_index
     from prvr.synth import synthesize
 
     data = synthesize(root / "data", "tiny", preset="tiny", seed=2018)
@@ -53,14 +53,14 @@ def serving_artifacts(root: Path, encoder) -> SimpleNamespace:
     cfg = load_config(None, ["serve.max_batch_delay_ms=50", "serve.batch_size=4"])
     index = build_index(ckpt, data, "test", root / "index", cfg, model_version="v0001", progress=False)
     store = root / "model_store"
-    mars = {v: build_archive(ckpt, index, store, v, cfg=cfg) for v in ("v0001", "v0002")}
+    mars = {v: build_archive(ckpt, index, store, v, "prvr", cfg) for v in ("v0001", "v0002")}
     _ARTIFACTS["a"] = SimpleNamespace(data=data, checkpoint=ckpt, index=index, store=store, mars=mars, cfg=cfg)
     return _ARTIFACTS["a"]
 
 
 def start_serving(tmp_path_factory, name: str, encoder):
     """A real TorchServe on free loopback ports serving v0001 of the shared artifacts."""
-    from prvr.packaging import TorchServe
+    from prvr.server import TorchServe
 
     art = serving_artifacts(tmp_path_factory.getbasetemp() / "serving-artifacts", encoder)
     ts = TorchServe(tmp_path_factory.mktemp(name), art.store, {"prvr": art.mars["v0001"].name},
@@ -81,7 +81,7 @@ def retriever(art, text_encoder) -> Retriever:
 
 
 # --------------------------------------------------------------------------- validation
-CFG = Config().serve
+CFG = default_config().serve
 BAD = [
     (Request(b"{not json", "application/json"), 400, "not valid JSON"),
     (Request({"query": "x"}, "text/plain"), 415, "Content-Type must be application/json"),
@@ -168,10 +168,10 @@ def test_answer_schema_and_per_request_errors(retriever):
 
 def test_served_scores_equal_offline_scores(art, retriever, text_encoder):
     """Served top-k (fused, clip, frame) equal prvr.model.score over evaluate's corpus encoding."""
-    from prvr.data import Collection
-    from prvr.dataset import collate_queries
+    from prvr.collection import Collection
+    from prvr.views import collate_queries
     from prvr.evaluate import encode_corpus, load_model
-    from prvr.sources import VideoSource
+    from prvr.encoding import VideoSource
 
     model, cfg, _ = load_model(art.checkpoint)
     coll = Collection(art.data)
@@ -215,11 +215,11 @@ def test_moments_in_seconds_when_fps_is_known(art, text_encoder):
 
 
 def test_refuses_another_text_encoder(art, text_encoder, tmp_path):
-    from prvr.data import Collection
+    from prvr.collection import Collection
 
     other = make_checkpoint(tmp_path / "other.pt", Collection(art.data).video_dim, text_encoder.dim,
                             "some-other-encoder:1.0")
-    from prvr.search import build_index
+    from prvr.indexing import build_index
     index = build_index(other, art.data, "test", tmp_path / "idx", art.cfg, model_version="v9", progress=False)
     with pytest.raises(CheckpointError, match="some-other-encoder:1.0"):
         Retriever.load(other, index, "v9", encoder=text_encoder)
@@ -353,11 +353,11 @@ def test_archive_contents(art):
 def test_archive_for_the_faiss_engine_carries_its_faiss_index(art, tmp_path):
     """search.backend faiss: the archive's index gets the faiss index the config asks for
     (the source index has none), and the served answers keep exact scores."""
-    from prvr.packaging import build_archive
+    from prvr.archive import build_archive
 
     assert not (art.index / "faiss.index").exists()
     cfg = Config.from_dict({"search": {"backend": "faiss", "index_type": "flat", "refine_codes": "fp16"}})
-    mar = build_archive(art.checkpoint, art.index, tmp_path / "store", "v0007", cfg=cfg)
+    mar = build_archive(art.checkpoint, art.index, tmp_path / "store", "v0007", "prvr", cfg)
     with zipfile.ZipFile(mar) as z:
         assert "index/faiss.index" in z.namelist()
         ann = json.loads(z.read("index/manifest.json"))["ann"]
@@ -369,13 +369,13 @@ def test_archive_for_the_faiss_engine_carries_its_faiss_index(art, tmp_path):
 
 
 def test_archive_refuses_foreign_index(art, tmp_path, text_encoder):
-    from prvr.data import Collection
-    from prvr.packaging import build_archive
+    from prvr.collection import Collection
+    from prvr.archive import build_archive
 
     other = make_checkpoint(tmp_path / "m.pt", Collection(art.data).video_dim, text_encoder.dim,
                             text_encoder.name, seed=1)
     with pytest.raises(SearchIndexError, match="another checkpoint"):
-        build_archive(other, art.index, tmp_path / "store", "v0009")
+        build_archive(other, art.index, tmp_path / "store", "v0009", "prvr", art.cfg)
     assert not (tmp_path / "store" / "prvr-v0009.mar").exists()
 
 

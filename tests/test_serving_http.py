@@ -11,12 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from prvr.config import ServeConfig
-from prvr.packaging import TorchServe
+from prvr.config import default_config
+from prvr.server import TorchServe
 from test_serving import start_serving
 
 pytestmark = pytest.mark.integration
-SERVE = ServeConfig()
+SERVE = default_config().serve
 DIM = 384  # MiniLM token features
 
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from helpers.servers import stop_process
-from prvr.packaging import free_port
+from prvr.server import free_port
 from test_serving import start_serving
 
 pytestmark = pytest.mark.integration

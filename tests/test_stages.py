@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,10 +11,12 @@ import numpy as np
 import pytest
 
 from prvr import stages
+from prvr.cli import stage as stage_cli
 from prvr.config import load_config
-from prvr.data import Collection
+from prvr.collection import Collection
 from prvr.errors import DataError, PrvrError
 from prvr.registry import Registry
+from prvr.reports import format_decision
 
 # A small model so a tiny-preset epoch takes seconds on 2 CPU cores.
 FAST = ["model.hidden_size=64", "model.map_size=8", "model.cluster_num=8", "model.max_ctx_len=32",
@@ -163,7 +164,7 @@ def test_register_step_gate_and_decision_file(trained: dict, tmp_path: Path) -> 
                                   out_dir=tmp_path / "reg2", build_index=False)
     assert not second["promoted"] and second["version"] is None
     assert "does not beat production v0001" in second["reason"]
-    assert "not registered" in stages.format_decision(second)
+    assert "not registered" in format_decision(second)
     with pytest.raises(PrvrError, match="checkpoint not found"):
         stages.register_step(tmp_path / "none", ev["metrics"], root / "ds", cfg, uri, 0.0)
 
@@ -172,8 +173,8 @@ def test_register_step_builds_the_faiss_index_the_served_config_needs(trained: d
     """search.backend faiss: the registered index carries faiss.index with the configured
     re-score codes, so serving workers load it instead of training one."""
     root = trained["root"]
-    cfg = dataclasses.replace(trained["cfg"], search=dataclasses.replace(
-        trained["cfg"].search, backend="faiss", pq_m=8, refine_codes="fp16"))
+    cfg = trained["cfg"].replace(search=trained["cfg"].search.replace(backend="faiss", pq_m=8,
+                                                                      refine_codes="fp16"))
     ev = stages.evaluate_step(root / "ds", root / "run", tmp_path / "ev", cfg)
     uri = f"file://{tmp_path / 'registry'}"
     out = stages.register_step(root / "run", ev["metrics"], root / "ds", cfg, uri, 0.0, out_dir=tmp_path / "reg")
@@ -184,10 +185,8 @@ def test_register_step_builds_the_faiss_index_the_served_config_needs(trained: d
 
 
 def test_stages_push_run_metrics_when_gateway_set(trained: dict, tmp_path: Path, monkeypatch) -> None:
-    import prvr.monitoring
-
     pushed = []
-    monkeypatch.setattr(prvr.monitoring, "push_run_metrics",
+    monkeypatch.setattr(stages, "push_run_metrics",
                         lambda job, values, labels=None, **kw: pushed.append((job, dict(values), labels)))
     stages.evaluate_step(trained["root"] / "ds", trained["root"] / "run", tmp_path / "ev", trained["cfg"])
     job, values, labels = pushed[-1]
@@ -198,7 +197,7 @@ def test_stages_push_run_metrics_when_gateway_set(trained: dict, tmp_path: Path,
 # ----------------------------------------------------------------------------- CLI and config helpers
 def _cli() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prvr")
-    stages.register_cli(parser.add_subparsers(dest="command"))
+    stage_cli.register_cli(parser.add_subparsers(dest="command"))
     return parser
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import prvr.cli
 import prvr.synth as synth
-from prvr.data import Collection
+from prvr.collection import Collection
 from prvr.errors import DataError
 
 FILES = ["TextData/tinytrain.caption.txt", "TextData/tinyval.caption.txt", "TextData/tinytest.caption.txt",
@@ -105,7 +105,6 @@ def test_short_moments_need_clip_matching(tmp_path, monkeypatch):
 
 
 def test_cli_synth(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prvr.cli, "COMMAND_MODULES", ("prvr.synth",))
     assert prvr.cli.main(["synth", "--preset", "tiny", "--seed", "5", "--out", str(tmp_path),
                           "--collection", "demo"]) == 0
     assert Path(capsys.readouterr().out.strip()) == tmp_path / "demo"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import prvr.cli
-from prvr.data import Collection
+from prvr.collection import Collection
 from prvr.errors import PrvrError
 from prvr.text import LeanBert, TextEncoder, resolve_encoder
 
@@ -43,12 +43,12 @@ def test_names_identify_the_encoder(text_encoder):
     _, path_ident = resolve_encoder(str(folder))
     assert path_ident.startswith(str(folder) + "@") and path_ident == resolve_encoder(str(folder))[1]
     with pytest.raises(PrvrError, match="no Hugging Face model folder"):
-        TextEncoder("/nonexistent/model")
+        TextEncoder("/nonexistent/model", 30, "float32")
 
 
 def test_local_folder_encoder(tmp_path, text_encoder):
     folder = Path(shutil.copytree(resolve_encoder("minilm")[0], tmp_path / "mymodel"))
-    enc = TextEncoder(str(folder), max_tokens=8)
+    enc = TextEncoder(str(folder), max_tokens=8, precision="float32")
     assert enc.name.startswith(str(folder.resolve()) + "@")
     long, short = enc.encode(SENTENCES[:2])
     assert long.shape == (8, 384)
@@ -69,10 +69,9 @@ def test_encode_collection_round_trip(tiny_encoded, text_encoder):
 
 
 def test_cli_encode_text(toy_collection, monkeypatch, capsys):
-    monkeypatch.setattr(prvr.cli, "COMMAND_MODULES", ("prvr.text",))
     out = toy_collection / "TextData/feats.h5"
     assert prvr.cli.main(["encode-text", "--data", str(toy_collection), "--out", str(out),
-                          "--set", "text.max_tokens=5"]) == 0
+                          "--set", "model.max_desc_len=5"]) == 0
     assert Path(capsys.readouterr().out.strip()) == out
     coll = Collection(toy_collection, text_feature_file="feats.h5")
     assert coll.check()["text_dim"] == 384
@@ -106,8 +105,10 @@ def test_prepacked_path_that_disagrees_is_not_used(text_encoder, monkeypatch):
 
 
 def test_prepacked_linears_keep_the_features(text_encoder):
-    """oneDNN-prepacked weights (CPU) give the plain F.linear features; in bf16 both match
-    transformers under autocast, so the lean forward casts exactly where autocast does."""
+    """oneDNN-prepacked weights (CPU) give the plain F.linear features, in fp32 and in bf16; the
+    bf16 features stay close to transformers under autocast. (Not equal: with AMX, autocast's bf16
+    kernels and oneDNN's differ by ~1e-2 per feature, the size of the bf16 rounding itself; on
+    CPUs without AMX they agreed to 1e-5.)"""
     import torch
     lean = text_encoder._forward
     if not lean.prepack:
@@ -116,6 +117,7 @@ def test_prepacked_linears_keep_the_features(text_encoder):
     plain = LeanBert(text_encoder.model, prepack=False)
     assert not plain.prepack
     low = LeanBert(text_encoder.model, torch.bfloat16)
+    low_plain = LeanBert(text_encoder.model, torch.bfloat16, prepack=False)
     with torch.inference_mode():
         batch = text_encoder.tokenizer(SENTENCES, padding=True, truncation=True, max_length=30,
                                        return_tensors="pt")
@@ -128,16 +130,17 @@ def test_prepacked_linears_keep_the_features(text_encoder):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 ref = text_encoder.model(**one).last_hidden_state.float()
             got = low(**one)
-            torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got, low_plain(**one), atol=1e-5, rtol=0)
+            torch.testing.assert_close(got, ref, atol=0.05, rtol=0)
             assert (got - lean(**one)).abs().max() > 1e-3         # it really ran in bf16
 
 
 def test_bf16_precision_is_another_encoder(text_encoder):
-    enc = TextEncoder(precision="bfloat16")
+    enc = TextEncoder("minilm", 30, precision="bfloat16")
     assert enc.name == text_encoder.name + "@bfloat16"
     for a, b in zip(enc.encode(SENTENCES[:2]), text_encoder.encode(SENTENCES[:2])):
         assert a.shape == b.shape and a.dtype == np.float32
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert 0 < np.abs(a - b).max() < 0.1 and cos.min() > 0.999
     with pytest.raises(PrvrError, match="text.precision"):
-        TextEncoder(precision="float8")
+        TextEncoder("minilm", 30, precision="float8")

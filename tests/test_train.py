@@ -1,6 +1,7 @@
-"""Training: losses on hand-worked cases, determinism, resume after SIGKILL, torchrun DDP."""
+"""Training: losses on hand-worked cases, one step, determinism, resume after SIGKILL, torchrun DDP."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -13,12 +14,15 @@ import pytest
 import torch
 
 from prvr.config import load_config
-from prvr.train import infonce_loss, lr_at, train, triplet_loss
+from prvr.train import infonce_loss, lr_at, setup, train, train_batch, triplet_loss
 
 # A small model keeps the tests fast; the code path is the full MS-SL++ one.
 FAST = ["model.hidden_size=64", "model.num_heads=2", "model.cluster_num=8", "model.map_size=16",
         "model.max_ctx_len=32", "train.batch_size=24", "train.epochs=3", "train.patience=10",
         "train.hard_negative_start_epoch=2", "train.lr=1e-3"]
+
+
+WORKER = [sys.executable, "-m", "prvr.cli", "train-worker"]  # what torchrun and the stage start
 
 
 def _fast_cfg(*extra: str):
@@ -54,6 +58,35 @@ def test_lr_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.02
 
 
+def _one_step(data: Path, out: Path):
+    """A fresh run (seeded model) after one train_batch on its first training batch."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as train() runs it
+    try:
+        run = setup(_fast_cfg(), data, out, resume=False)
+        before = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+        videos = run.train_videos[:run.cfg.train.batch_size]
+        loss, n_queries = train_batch(run, videos, hard=True, gen=torch.Generator().manual_seed(0))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    run.live.end()
+    return run, before, videos, loss, n_queries
+
+
+def test_train_batch_steps_once_and_repeats_from_the_seed(tiny_encoded, tmp_path):
+    a, before, videos, loss, n_queries = _one_step(tiny_encoded, tmp_path / "a")
+    assert math.isfinite(loss) and loss > 0
+    assert n_queries == sum(len(a.queries_of[v]) for v in videos) > len(videos)
+    assert a.state["step"] == 1
+    assert a.optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(0, a.total_steps, a.cfg))
+    after = a.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in after), "no weight changed"
+    b, _, _, loss_b, _ = _one_step(tiny_encoded, tmp_path / "b")
+    assert loss_b == loss
+    for k, v in b.model.state_dict().items():
+        assert torch.equal(v, after[k]), k
+
+
 def _learning(history: list[dict]) -> list[dict]:
     """Per-epoch records without wall-clock throughput (which differs run to run)."""
     return [{k: v for k, v in h.items() if not k.endswith("_per_s")} for h in history]
@@ -80,10 +113,10 @@ def test_resume_after_sigkill_ends_where_uninterrupted_run_ends(tiny_encoded, tm
     args = (["--data", str(tiny_encoded), "--no-progress"] + [f"--set={s}" for s in FAST]
             + ["--set=train.epochs=6"])
     full = tmp_path / "full"
-    subprocess.run([sys.executable, "-m", "prvr.train", "--out", str(full), *args], check=True,
+    subprocess.run([*WORKER, "--out", str(full), *args], check=True,
                    capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "prvr.train", "--out", str(killed), *args],
+    proc = subprocess.Popen([*WORKER, "--out", str(killed), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "last.pt").exists() and time.time() < deadline:  # epoch 1 complete
@@ -92,7 +125,7 @@ def test_resume_after_sigkill_ends_where_uninterrupted_run_ends(tiny_encoded, tm
     proc.wait(timeout=30)
     epoch_at_kill = _state(killed / "last.pt")["state"]["epoch"]
     assert epoch_at_kill < 6, "the run finished before it could be killed; test proves nothing"
-    subprocess.run([sys.executable, "-m", "prvr.train", "--out", str(killed), *args], check=True,
+    subprocess.run([*WORKER, "--out", str(killed), *args], check=True,
                    capture_output=True, timeout=600)
     a, b = _state(full / "last.pt"), _state(killed / "last.pt")
     assert a["state"]["epoch"] == b["state"]["epoch"] == 6
@@ -106,7 +139,8 @@ def test_torchrun_two_processes_gloo_only_rank0_writes(tiny_encoded, tmp_path):
     assert torchrun, "torchrun is installed with torch"
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "prvr.train",
+    res = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "prvr.cli",
+                          "train-worker",
                           "--data", str(tiny_encoded), "--out", str(out), "--no-progress",
                           *[f"--set={s}" for s in FAST], "--set=train.epochs=1"],
                          capture_output=True, text=True, timeout=600, env=env)

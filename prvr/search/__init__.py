@@ -1,9 +1,11 @@
 """Retrieval at scale over a precomputed video index (MS-SL++ needs only K clip and
 K attended vectors per video, so exact search is a few matrix products).
 
+Model-free: engines see arrays and query vectors, never a checkpoint (`prvr.indexing`
+encodes a corpus into an index; `prvr.encoding` encodes queries).
+
 Usage::
 
-    path = build_index("runs/train/model.pt", "data/synth", "test", "index/", cfg)
     index = VideoIndex.load(path, expect_model_version=version)
     engine = make_engine(index, cfg.search)          # exact | faiss | milvus
     res = engine.search(query_vectors, top_k=10)     # SearchResult (Q, k) tensors
@@ -14,39 +16,23 @@ from typing import Any
 
 from prvr.config import SearchConfig
 from prvr.errors import SearchIndexError
+from prvr.search.ann import FaissSearch
+from prvr.search.build import build_index_from_embeddings
 from prvr.search.exact import ExactSearch, SearchResult
-from prvr.search.index import VideoIndex, build_index, build_index_from_embeddings
+from prvr.search.index import VideoIndex
+from prvr.search.milvus import MilvusSearch
 
-__all__ = ["VideoIndex", "build_index", "build_index_from_embeddings", "ExactSearch", "FaissSearch",
-           "MilvusSearch", "SearchResult", "make_engine", "register_cli"]
+__all__ = ["VideoIndex", "build_index_from_embeddings", "ExactSearch", "FaissSearch", "MilvusSearch",
+           "SearchResult", "make_engine", "BACKENDS"]
 
 BACKENDS = ("exact", "faiss", "milvus")
 
 
 def make_engine(index: VideoIndex, search_cfg: SearchConfig, **kwargs: Any) -> Any:
     """The engine named by search.backend; all have `.search(queries, top_k, alpha) -> SearchResult`."""
-    backend = search_cfg.backend
-    if backend == "exact":
-        return ExactSearch(index, **kwargs)
-    if backend == "faiss":
-        from prvr.search.ann import FaissSearch
-        return FaissSearch(index, search_cfg, **kwargs)
-    if backend == "milvus":
-        from prvr.search.milvus import MilvusSearch
-        return MilvusSearch(index, search_cfg, **kwargs)
-    raise SearchIndexError(f"search.backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def __getattr__(name: str) -> Any:          # lazy: faiss/pymilvus load only when used
-    if name == "FaissSearch":
-        from prvr.search.ann import FaissSearch
-        return FaissSearch
-    if name == "MilvusSearch":
-        from prvr.search.milvus import MilvusSearch
-        return MilvusSearch
-    raise AttributeError(name)
-
-
-def register_cli(subparsers: Any) -> None:
-    from prvr.search.cli import register_cli as _register
-    _register(subparsers)
+    engines = {"exact": lambda: ExactSearch(index, **kwargs),
+               "faiss": lambda: FaissSearch(index, search_cfg, **kwargs),
+               "milvus": lambda: MilvusSearch(index, search_cfg, **kwargs)}
+    if search_cfg.backend not in engines:
+        raise SearchIndexError(f"search.backend must be one of {BACKENDS}, got {search_cfg.backend!r}")
+    return engines[search_cfg.backend]()

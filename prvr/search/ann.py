@@ -1,7 +1,7 @@
 """Approximate candidate retrieval with faiss, then exact MS-SL++ re-ranking.
 
-faiss indexes one vector per clip: its *fused* vector z = alpha*c + (1-alpha)*a
-(clip vector and KCGA-attended vector). q.z is the fused score the video would
+faiss indexes one vector per clip: its *fused* vector z = fuse(c, a, alpha) of the
+clip vector c and its KCGA-attended vector a. q.z is the fused score the video would
 get if that clip were its key clip, so a video's true fused score is q.z of its
 key clip, and every video in the true top-k owns a clip whose q.z is at least
 the k-th best score. (Indexing clip vectors alone misses videos ranked high by
@@ -31,13 +31,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from prvr.config import ANN_INDEX_TYPES, REFINE_CODES, SearchConfig
+from prvr.checkpoint import sha256_file
 from prvr.errors import SearchIndexError
+from prvr.model import fuse
 from prvr.search.exact import SearchResult, as_queries
-from prvr.search.index import VideoIndex, advise_random, sha256_file
+from prvr.search.index import VideoIndex, advise_random
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
            "rerank", "best_videos", "distinct_videos", "fused_rows", "stored_ann_fits"]
@@ -62,7 +66,6 @@ def stored_ann_fits(stored: dict[str, Any] | None, cfg: SearchConfig) -> bool:
 def make_faiss_index(dim: int, params: dict[str, Any]) -> Any:
     """The index `params` describe; with refine codes, wrapped in an IndexRefine whose second copy
     of z (in RAM) re-scores the hits instead of the stored arrays."""
-    import faiss
     base = _make_base_index(dim, params)
     store = _make_refine_store(dim, params.get("refine_codes", "arrays"))
     return base if store is None else faiss.IndexRefine(base, store)
@@ -70,7 +73,6 @@ def make_faiss_index(dim: int, params: dict[str, Any]) -> Any:
 
 def _make_refine_store(dim: int, codes: str) -> Any:
     """fp16 (2 bytes per dim, ~exact), sq8 (1 byte per dim) or pq<M> (M bytes per clip); None = arrays."""
-    import faiss
     if not REFINE_CODES.fullmatch(str(codes)):
         raise SearchIndexError(f"search.refine_codes must be arrays, fp16, sq8 or pq<M>, got {codes!r}")
     ip = faiss.METRIC_INNER_PRODUCT
@@ -86,18 +88,15 @@ def _make_refine_store(dim: int, codes: str) -> Any:
 
 def _sq_types() -> dict[str, int]:
     """Scalar-quantizer re-score codes by name (faiss is imported lazily)."""
-    import faiss
     return {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
 
 
 def _base(index: Any) -> Any:
-    import faiss
     return faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
 
 
 def _codes_of(index: Any) -> str:
     """The re-score codes a faiss index carries: `arrays` when it is not an IndexRefine."""
-    import faiss
     if not isinstance(index, faiss.IndexRefine):
         return "arrays"
     store = faiss.downcast_index(index.refine_index)
@@ -109,7 +108,6 @@ def _codes_of(index: Any) -> str:
 
 
 def _make_base_index(dim: int, params: dict[str, Any]) -> Any:
-    import faiss
     kind, ip = params["index_type"], faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
@@ -128,7 +126,6 @@ def _make_base_index(dim: int, params: dict[str, Any]) -> Any:
 
 
 def _set_search_params(index: Any, params: dict[str, Any]) -> None:
-    import faiss
     if params["index_type"] == "hnsw":
         _base(index).hnsw.efSearch = params["ef_search"]
     elif params["index_type"] in ("ivf", "ivfpq", "ivfpqfs"):
@@ -136,10 +133,10 @@ def _set_search_params(index: Any, params: dict[str, Any]) -> None:
 
 
 def fused_rows(clips: np.ndarray, attended: np.ndarray, alpha: float, lo: int, hi: int) -> np.ndarray:
-    """alpha*c + (1-alpha)*a for flat rows lo:hi of (R, H) arrays (fp16/mmap): float32 (n, H)."""
+    """fuse(c, a, alpha) of flat rows lo:hi of (R, H) arrays (fp16/mmap): float32 (n, H)."""
     c = torch.from_numpy(np.array(clips[lo:hi])).float()       # copies: mmaps are read-only
     a = torch.from_numpy(np.array(attended[lo:hi])).float()
-    return (alpha * c + (1 - alpha) * a).numpy()
+    return fuse(c, a, alpha).numpy()
 
 
 def train_and_add(clips: np.ndarray, attended: np.ndarray, params: dict[str, Any], chunk: int = 1 << 17,
@@ -154,8 +151,6 @@ def train_and_add(clips: np.ndarray, attended: np.ndarray, params: dict[str, Any
 def _fill(index: Any, clips: np.ndarray, attended: np.ndarray, params: dict[str, Any], chunk: int = 1 << 17,
           train_size: int = 1 << 17, seed: int = 0, progress: bool = False) -> Any:
     """Train `index` (when it needs it) on a sample of the fused vectors, then add them all."""
-    from tqdm import tqdm
-
     N, K, H = clips.shape
     fc, fa = clips.reshape(N * K, H), attended.reshape(N * K, H)
     alpha = params["alpha"]
@@ -163,7 +158,7 @@ def _fill(index: Any, clips: np.ndarray, attended: np.ndarray, params: dict[str,
         rng = np.random.default_rng(seed)
         n = min(len(fc), max(train_size, params["nlist"] * 39))
         rows = np.sort(rng.choice(len(fc), n, replace=False))
-        index.train(alpha * np.asarray(fc[rows], np.float32) + (1 - alpha) * np.asarray(fa[rows], np.float32))
+        index.train(fused_rows(fc[rows], fa[rows], alpha, 0, len(rows)))
     with tqdm(total=len(fc), desc=f"faiss {params['index_type']}", unit="clip", disable=not progress) as bar:
         for i in range(0, len(fc), chunk):
             index.add(fused_rows(fc, fa, alpha, i, i + chunk))
@@ -173,12 +168,11 @@ def _fill(index: Any, clips: np.ndarray, attended: np.ndarray, params: dict[str,
 
 def build_faiss_into(folder: str | Path, cfg: SearchConfig) -> dict[str, Any]:
     """Add `faiss.index` to an index folder (not yet swapped in) and record it in the manifest."""
-    import faiss
     folder = Path(folder)
     clips = np.load(folder / "clips.npy", mmap_mode="r")
     attended = np.load(folder / "attended.npy", mmap_mode="r")
     manifest = json.loads((folder / "manifest.json").read_text())
-    params = ann_params(cfg, clips.shape[0] * clips.shape[1], manifest.get("alpha", 0.7))
+    params = ann_params(cfg, clips.shape[0] * clips.shape[1], manifest["alpha"])
     t0 = time.perf_counter()
     index = train_and_add(clips, attended, params, progress=True)
     faiss.write_index(index, str(folder / "faiss.index"))
@@ -205,7 +199,6 @@ def _dots(arr: np.ndarray, rows: np.ndarray, q: torch.Tensor) -> np.ndarray:
     fp32 arrays go to faiss, which reads each row once and writes only the dot products (one
     query, 2,179 videos: 2.5x faster than gathering the rows first once the caches are cold);
     fp16 rows are gathered as fp32 first."""
-    import faiss
     rows = np.asarray(rows, np.int64)
     if arr.dtype != np.float32 or not arr.flags.c_contiguous:
         return (_gather(arr, rows) @ q).numpy()
@@ -236,7 +229,7 @@ def best_videos(index: VideoIndex, q: torch.Tensor, labels: np.ndarray, need: in
     out = []
     for i, row in enumerate(labels):
         rows = np.sort(row[row >= 0])                                          # sequential reads
-        z = alpha * _dots(fc, rows, q[i]) + (1 - alpha) * _dots(fa, rows, q[i])  # (L,)
+        z = fuse(_dots(fc, rows, q[i]), _dots(fa, rows, q[i]), alpha)  # (L,)
         out.append(_first_distinct(rows[np.argsort(-z, kind="stable")] // K, need))
     return out
 
@@ -257,7 +250,7 @@ def rerank(index: VideoIndex, q: torch.Tensor, cands: list[np.ndarray], k: int,
         key = every.argmax(1)                                                  # (C,) first best clip
         sc = every[np.arange(len(cand)), key]                                  # (C,)
         fs = _dots(fa, cand * K + key, q[i])                                   # (C,)
-        f = alpha * sc + (1 - alpha) * fs
+        f = fuse(sc, fs, alpha)
         o = np.argsort(-f, kind="stable")[:k]
         n = len(o)
         video_idx[i, :n], fused[i, :n], clip[i, :n], frame[i, :n], key_clip[i, :n] = \
@@ -275,7 +268,6 @@ class FaissSearch:
     index is kept as a copy) and the asked ones built in memory (seconds for a TVR-sized corpus)."""
 
     def __init__(self, index: VideoIndex, cfg: SearchConfig, faiss_index: Any = None):
-        import faiss
         self.index, self.cfg = index, cfg
         self.N, self.K = index.count, index.num_clips
         self.params = ann_params(cfg, self.N * self.K, index.alpha)
@@ -302,7 +294,6 @@ class FaissSearch:
     def _with_refine_codes(self, faiss_index: Any, codes: str) -> Any:
         """`faiss_index` re-scoring its hits with `codes` (its base alone for `arrays`); codes it
         carries but the config does not ask for are freed with it."""
-        import faiss
         if _codes_of(faiss_index) == codes:
             return faiss_index
         base = _base(faiss_index)

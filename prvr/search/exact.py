@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prvr.metrics import ranks_from_scores
+from prvr.model import fuse, score
 from prvr.search.index import VideoIndex
 
 __all__ = ["SearchResult", "ExactSearch", "bf16_supported", "as_queries",
@@ -173,8 +175,6 @@ class ExactSearch:
 
         Evaluation needs whole score rows, not a top-k: fp32 `prvr.model.score` over the
         index arrays, a (query_chunk, N) block at a time; ties ranked pessimistically."""
-        from prvr.metrics import ranks_from_scores
-        from prvr.model import score
         q = as_queries(queries)
         alpha = self.index.alpha if alpha is None else float(alpha)
         clips, attended = torch.from_numpy(np.asarray(self.index.clips)), torch.from_numpy(np.asarray(self.index.attended))
@@ -195,7 +195,7 @@ class ExactSearch:
             a = _tensor(self._attended[start * K:end * K])
             sc, key = (q @ c.T).view(len(q), end - start, K).max(-1)                        # (Q, n)
             fs = (q @ a.T).view(len(q), end - start, K).gather(2, key[..., None]).squeeze(-1)
-            fused = alpha * sc + (1 - alpha) * fs
+            fused = fuse(sc, fs, alpha)
             idx = torch.arange(start, end).expand(len(q), -1)
             best = merge_topk(best, SearchResult(idx, fused, sc, fs, key), k)
         return best
@@ -230,7 +230,7 @@ class ExactSearch:
             err_c = e_c + out_rel * big
             near = s >= (smax - 2 * err_c)[..., None]       # clips that may be the exact key clip
             fmax = self._frame_max(qb, near, start)                                        # (Q, n)
-            ub = alpha * (smax + err_c) + (1 - alpha) * (fmax + e_a + BF16_OUT_REL * fmax.abs())
+            ub = fuse(smax + err_c, fmax + e_a + BF16_OUT_REL * fmax.abs(), alpha)
             v, i = ub.topk(min(keep, n), dim=1)
             ub_val, ub_idx = torch.cat([ub_val, v], 1), torch.cat([ub_idx, i + start], 1)
             near_sel = torch.cat([near_sel, near.gather(1, i[..., None].expand(-1, -1, K))], 1)
@@ -276,6 +276,6 @@ class ExactSearch:
         sc, key = S.max(-1)                                                                # (Q, M)
         av = _rows(self._attended, (cand * K + key).reshape(-1).numpy()).view(Q, M, -1)    # (Q, M, H)
         fs = (av * q[:, None, :]).sum(-1)                                                  # (Q, M)
-        fused = alpha * sc + (1 - alpha) * fs
+        fused = fuse(sc, fs, alpha)
         vals, o = fused.topk(k, dim=1)
         return SearchResult(cand.gather(1, o), vals, sc.gather(1, o), fs.gather(1, o), key.gather(1, o))

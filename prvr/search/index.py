@@ -9,42 +9,26 @@ be silently wrong, so a version mismatch is refused).
 
 Usage::
 
-    path = build_index("runs/train/model.pt", "data/synth", "test", "index/", cfg)
-    index = VideoIndex.load(path, expect_model_version=None)
+    index = VideoIndex.load("runs/register/index", expect_model_version="v0003")
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import os
-import shutil
-import time
-import uuid
+import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from prvr.config import Config, SearchConfig
-from prvr.errors import CheckpointError, SearchIndexError
+from prvr.checkpoint import sha256_file
+from prvr.errors import SearchIndexError
 
-__all__ = ["VideoIndex", "build_index", "build_index_from_embeddings", "atomic_dir",
-           "write_manifest", "units_to_frames_int32", "INDEX_FORMAT", "ARRAY_FILES", "sha256_file"]
+__all__ = ["VideoIndex", "advise_random", "INDEX_FORMAT", "ARRAY_FILES", "DTYPES"]
 
 INDEX_FORMAT = "prvr-video-index/1"
 ARRAY_FILES = ("clips", "attended", "spans", "num_frames")
 DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -72,7 +56,8 @@ class VideoIndex:
 
     @property
     def alpha(self) -> float:
-        return float(self.manifest.get("alpha", 0.7))
+        """The alpha of the model that built the index (its faiss vectors use it too)."""
+        return float(self.manifest["alpha"])
 
     @property
     def model_version(self) -> str | None:
@@ -85,7 +70,7 @@ class VideoIndex:
     @classmethod
     def from_arrays(cls, clips: np.ndarray, attended: np.ndarray, spans: np.ndarray | None = None,
                     num_frames: np.ndarray | None = None, video_ids: list[str] | None = None,
-                    alpha: float = 0.7) -> "VideoIndex":
+                    *, alpha: float) -> "VideoIndex":
         """An in-memory index (benchmarks, tests): arrays are used as given (already normalised)."""
         N, K, _ = clips.shape
         if spans is None:
@@ -154,94 +139,10 @@ class VideoIndex:
                    manifest, path)
 
 
-# --------------------------------------------------------------------------- #
-# Writing
-# --------------------------------------------------------------------------- #
-class atomic_dir:
-    """Context manager: yields a temp dir next to `out`, swapped in on success only.
-
-    A crash or exception before the swap leaves the previous `out` untouched (the
-    temp dir is removed on exceptions; a killed process leaves `out.tmp-*`)."""
-
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
-        self.tmp = self.out.with_name(f"{self.out.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        backup = None
-        if self.out.exists():
-            backup = self.out.with_name(f"{self.out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(self.out, backup)
-        os.replace(self.tmp, self.out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-
-
-def _normalise(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
-    return torch.nn.functional.normalize(t, dim=-1).numpy()
-
-
-def write_manifest(folder: Path, meta: dict[str, Any], hash_files: bool = True) -> dict[str, Any]:
-    """Describe every array file of `folder` (bytes, shape, dtype, sha256) plus `meta`."""
-    files = {}
-    for name in ARRAY_FILES:
-        f = folder / f"{name}.npy"
-        arr = np.load(f, mmap_mode="r")
-        files[f.name] = {"bytes": f.stat().st_size, "shape": list(arr.shape), "dtype": str(arr.dtype),
-                         "sha256": sha256_file(f) if hash_files else None}
-    clips = files["clips.npy"]["shape"]
-    manifest = {"format": INDEX_FORMAT, "count": clips[0], "num_clips": clips[1], "hidden": clips[2],
-                "dtype": files["clips.npy"]["dtype"], "files": files,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **meta}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest
-
-
-def build_index_from_embeddings(emb: Any, num_frames: np.ndarray | torch.Tensor, video_ids: list[str],
-                                out_dir: str | Path, *, model_version: str, map_size: int = 32,
-                                alpha: float = 0.7, dtype: str = "float32", fps: float | None = None,
-                                checkpoint_sha256: str | None = None, text_encoder: str | None = None,
-                                ann: SearchConfig | None = None) -> Path:
-    """Write an index from `VideoEmbeddings` (clips/attended (N,K,H), unit spans (N,K,2)).
-
-    Vectors are L2-normalised in fp32 before the cast to `dtype`; unit spans become
-    frame spans. `ann` (a SearchConfig) also builds the faiss index inside."""
-    if dtype not in DTYPES:
-        raise SearchIndexError(f"search.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    nf = np.asarray(num_frames, dtype=np.int64)
-    if len(video_ids) != emb.clips.shape[0] or len(nf) != emb.clips.shape[0]:
-        raise SearchIndexError(f"{emb.clips.shape[0]} videos but {len(video_ids)} ids / {len(nf)} frame counts")
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        np.save(tmp / "clips.npy", _normalise(emb.clips).astype(DTYPES[dtype]))
-        np.save(tmp / "attended.npy", _normalise(emb.attended).astype(DTYPES[dtype]))
-        np.save(tmp / "spans.npy", units_to_frames_int32(np.asarray(emb.spans), nf, map_size))
-        np.save(tmp / "num_frames.npy", nf.astype(np.int32))
-        (tmp / "video_ids.json").write_text(json.dumps(list(video_ids)))
-        meta = {"model_version": model_version, "checkpoint_sha256": checkpoint_sha256,
-                "text_encoder": text_encoder, "map_size": map_size, "alpha": alpha, "fps": fps,
-                "ann": None}
-        write_manifest(tmp, meta)
-        if ann is not None:
-            from prvr.search.ann import build_faiss_into
-            build_faiss_into(tmp, ann)
-    return out_dir
-
-
 def advise_random(arr: np.ndarray) -> bool:
     """madvise(MADV_RANDOM) on the file mapping behind a (view of a) np.memmap: scattered row
     reads then fault in one page each instead of a readahead window (measured at 1M videos:
     a 32 x 384 fp16 re-rank read hundreds of MB per query with readahead)."""
-    import mmap
     base = arr
     while base is not None and getattr(base, "_mmap", None) is None:
         base = getattr(base, "base", None)
@@ -250,50 +151,3 @@ def advise_random(arr: np.ndarray) -> bool:
         return False
     mm.madvise(mmap.MADV_RANDOM)
     return True
-
-
-def units_to_frames_int32(spans: np.ndarray, num_frames: np.ndarray, map_size: int) -> np.ndarray:
-    from prvr.dataset import units_to_frames
-    if num_frames.size and (num_frames <= 0).all():    # frame counts unknown: keep unit spans
-        return spans.astype(np.int32)
-    return units_to_frames(spans, num_frames, map_size).astype(np.int32)
-
-
-def build_index(checkpoint: str | Path, data_path: str | Path, split: str, out_dir: str | Path,
-                cfg: Config, model_version: str | None = None, batch_size: int = 64,
-                progress: bool = True, ann_type: str | None = None) -> Path:
-    """Encode a split's videos with a checkpoint and write (atomically) its index.
-
-    `model_version` defaults to the checkpoint's sha256 (what a registry version
-    resolves to); `ann_type` ('flat'|'ivf'|'hnsw'|'ivfpq') also builds a faiss index."""
-    from tqdm import tqdm
-
-    from prvr.data import Collection
-    from prvr.evaluate import encode_corpus, load_model, resolve_device
-    from prvr.model import VideoEmbeddings
-    from prvr.sources import VideoSource
-
-    device = resolve_device(cfg.train.device)
-    model, ckpt_cfg, ckpt = load_model(checkpoint, device)
-    ckpt_sha = sha256_file(checkpoint)
-    collection = Collection(data_path, cfg.data.video_feature, cfg.data.text_feature_file)
-    if collection.video_dim != ckpt_cfg.model.video_dim:
-        raise CheckpointError(f"video features of {collection.path} are {collection.video_dim}-d, "
-                              f"the checkpoint {checkpoint} expects {ckpt_cfg.model.video_dim}-d")
-    video_ids = collection.videos(split)
-    if not video_ids:
-        raise SearchIndexError(f"split {split!r} of {collection.path} has no videos")
-    videos = VideoSource(collection, ckpt_cfg, video_ids)
-    parts, frames = [], []
-    for i in tqdm(range(0, len(video_ids), batch_size), desc=f"index {split}", unit="batch",
-                  disable=not progress):
-        emb, nf = encode_corpus(model, videos, video_ids[i:i + batch_size], device, batch_size)
-        parts.append(emb)
-        frames.append(nf)
-    emb = VideoEmbeddings(*(torch.cat([getattr(p, f) for p in parts]) for f in VideoEmbeddings._fields))
-    ann = dataclasses.replace(cfg.search, index_type=ann_type) if ann_type is not None else None
-    return build_index_from_embeddings(
-        emb, torch.cat(frames).numpy(), video_ids, out_dir, model_version=model_version or ckpt_sha,
-        map_size=ckpt_cfg.model.map_size, alpha=cfg.model.alpha, dtype=cfg.search.dtype,
-        fps=cfg.serve.fps, checkpoint_sha256=ckpt_sha, text_encoder=ckpt.get("text_encoder"),
-        ann=ann)

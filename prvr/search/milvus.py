@@ -16,6 +16,7 @@ import torch
 
 from prvr.config import SearchConfig
 from prvr.errors import SearchIndexError
+from prvr.model import fuse
 from prvr.search.exact import SearchResult, as_queries, empty_result
 from prvr.search.index import VideoIndex
 
@@ -34,7 +35,7 @@ class MilvusSearch:
 
     def __init__(self, index: VideoIndex, cfg: SearchConfig, uri: str | None = None,
                  collection: str | None = None, rebuild: bool = False, insert_batch: int = 4096):
-        try:
+        try:   # pymilvus: optional and slow to import; loaded only for search.backend=milvus
             from pymilvus import DataType, MilvusClient
         except ImportError as exc:
             raise SearchIndexError(f"search.backend=milvus needs pymilvus (+ milvus-lite): {exc}") from None
@@ -105,7 +106,7 @@ class MilvusSearch:
             sc = torch.tensor([h["distance"] for h in row], dtype=torch.float32)
             att = torch.from_numpy(np.asarray([h["entity"]["att_vec"] for h in row], np.float32))
             fs = att @ q[i]
-            fused = alpha * sc + (1 - alpha) * fs
+            fused = fuse(sc, fs, alpha)
             vals, o = fused.topk(min(k, len(row)))
             n = len(o)
             res.video_idx[i, :n], res.fused[i, :n] = vid[o], vals

@@ -4,32 +4,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["register_cli", "encode_texts"]
-
-
-def encode_texts(checkpoint: str, texts: list[str], cfg: Any) -> tuple[Any, Any]:
-    """Query vectors (Q, H) of raw texts with the checkpoint's model and its own text encoder."""
-    import torch
-
-    from prvr.dataset import collate_queries
-    from prvr.errors import CheckpointError
-    from prvr.evaluate import load_model
-    from prvr.text import TextEncoder
-
-    model, ckpt_cfg, ckpt = load_model(checkpoint)
-    encoder = TextEncoder.from_config(ckpt_cfg.text)
-    trained_with = ckpt.get("text_encoder")
-    if trained_with and trained_with != encoder.name:
-        raise CheckpointError(f"{checkpoint} was trained on text features from {trained_with!r}; "
-                              f"text queries can only be encoded with {encoder.name!r}")
-    tokens, mask = collate_queries(encoder.encode(texts), model.cfg.max_desc_len)
-    with torch.no_grad():
-        return model.encode_queries(tokens, mask), ckpt_cfg
+from prvr.checkpoint import sha256_file
+from prvr.cli.common import add_config_args, config_from_args
+from prvr.config import ANN_INDEX_TYPES
+from prvr.encoding import QueryEncoder
+from prvr.errors import SearchIndexError
+from prvr.indexing import build_index
+from prvr.search import VideoIndex, make_engine
 
 
 def _build(args: argparse.Namespace) -> int:
-    from prvr.cli import config_from_args
-    from prvr.search.index import VideoIndex, build_index
     cfg = config_from_args(args)
     path = build_index(args.checkpoint, args.data, args.split or cfg.eval.split, args.out, cfg,
                        model_version=args.model_version, batch_size=args.batch_size, ann_type=args.ann)
@@ -40,17 +24,13 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from prvr.cli import config_from_args
-    from prvr.errors import SearchIndexError
-    from prvr.search import make_engine
-    from prvr.search.index import VideoIndex, sha256_file
     cfg = config_from_args(args)
     index = VideoIndex.load(args.index)
     sha = index.manifest.get("checkpoint_sha256")
     if sha and sha != sha256_file(args.checkpoint):
         raise SearchIndexError(f"index {args.index} was built with another checkpoint than "
                                f"{args.checkpoint} (sha256 {sha[:12]}...): rebuild it")
-    queries, _ = encode_texts(args.checkpoint, args.query, cfg)
+    queries = QueryEncoder.from_checkpoint(args.checkpoint).encode_texts(args.query)
     res = make_engine(index, cfg.search).search(queries, args.top_k)
     fps = index.manifest.get("fps")
     for qi, text in enumerate(args.query):
@@ -68,8 +48,6 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    from prvr.cli import add_config_args
-    from prvr.config import ANN_INDEX_TYPES
     p = subparsers.add_parser("index", help="build or query a video index for fast retrieval",
                               description="Precompute the K clip and K attended vectors of every "
                                           "video, then search them exactly or approximately.")

@@ -1,11 +1,6 @@
-"""Model registry: versioned, checksummed model files plus a production pointer.
+"""The model registry: versioned, checksummed model files plus a production pointer.
 
-Two backends share one layout and one protocol:
-
-- ``file://PATH`` (embedded default, no server; used by ``make demo``)
-- ``s3://BUCKET/PREFIX`` (AWS or any S3 endpoint via ``endpoint_url``, e.g. MinIO or moto)
-
-Layout under the root::
+Layout under the store's root::
 
     models/<name>/<version>/.claim          version number taken (conditional create)
     models/<name>/<version>/<files...>      checkpoint, index files, anything given
@@ -17,35 +12,26 @@ concurrent registrations never share a number; the manifest is written only afte
 every file is uploaded and verified, so readers never see a half-written version;
 the production pointer moves by compare-and-swap (S3 ``IfMatch`` on its ETag, a
 locked read-compare-replace on disk), so concurrent promotions never lose one.
-
-Usage::
-
-    reg = Registry("s3://models/prvr", endpoint_url="http://127.0.0.1:9000")
-    decision = reg.register_if_better("prvr-mssl-pp", {"model.pt": ckpt}, metrics, params)
-    path = reg.pull("prvr-mssl-pp", dest="models/current")
+The stores themselves live in ``prvr.registry.stores``.
 """
 from __future__ import annotations
 
-import argparse
-import base64
-import contextlib
 import datetime as _dt
-import fcntl
-import hashlib
 import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
+from prvr.checkpoint import sha256_file
 from prvr.errors import RegistryError
+from prvr.registry.stores import FileStore, S3Store, file_hashes
 
-__all__ = ["Registry", "register_cli", "sha256_file", "resolve_metric"]
+__all__ = ["Registry", "resolve_metric", "MANIFEST", "POINTER", "CLAIM"]
 
 MANIFEST = "manifest.json"
 POINTER = "production.json"
@@ -53,27 +39,7 @@ CLAIM = ".claim"
 _RESERVED = {MANIFEST, CLAIM}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
-_CHUNK = 1 << 20
 _UNSET: Any = object()
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, streamed (checkpoints and indexes can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _hashes(path: str | Path) -> tuple[str, str]:
-    """(sha256, md5) hex in one pass: sha256 goes in the manifest, md5 checks S3 ETags."""
-    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            sha.update(block)
-            md5.update(block)
-    return sha.hexdigest(), md5.hexdigest()
 
 
 def _now() -> str:
@@ -105,248 +71,6 @@ def resolve_metric(metrics: Mapping[str, Any], key: str) -> float | None:
     return float(value)
 
 
-# ----------------------------------------------------------------------------- stores
-class _FileStore:
-    """Keys are POSIX paths under a root folder; writes are atomic (temp + os.replace)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.where = f"file://{root}"
-
-    def _path(self, key: str) -> Path:
-        return self.root / key
-
-    def _tmp_for(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path.parent / f".tmp-{path.name}-{uuid.uuid4().hex}"
-
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        try:
-            data = self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-        return data, hashlib.sha256(data).hexdigest()
-
-    def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = self._tmp_for(path)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def put_new(self, key: str, data: bytes) -> bool:
-        """Create-if-absent: os.link of a complete temp file fails atomically when the key exists."""
-        path = self._path(key)
-        tmp = self._tmp_for(path)
-        try:
-            tmp.write_bytes(data)
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def put_if(self, key: str, data: bytes, token: str | None) -> bool:
-        """Compare-and-swap under an exclusive flock (flock also excludes threads of one process)."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}.lock", "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                current = self.get(key)
-                if (current[1] if current else None) != token:
-                    return False
-                self.put(key, data)
-                return True
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-    def upload(self, key: str, src: Path, sha256: str, md5: str) -> None:
-        path = self._path(key)
-        tmp = self._tmp_for(path)
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def verify(self, key: str, sha256: str, md5: str, size: int) -> str | None:
-        path = self._path(key)
-        if not path.is_file():
-            return "missing after upload"
-        if path.stat().st_size != size:
-            return f"size {path.stat().st_size} != {size}"
-        got = sha256_file(path)
-        return None if got == sha256 else f"sha256 {got} != {sha256}"
-
-    def download(self, key: str, dest: Path) -> None:
-        try:
-            shutil.copyfile(self._path(key), dest)
-        except FileNotFoundError:
-            raise RegistryError(f"{self.where}/{key} is missing") from None
-
-    def children(self, prefix: str) -> list[str]:
-        path = self._path(prefix)
-        return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-    @contextlib.contextmanager
-    def errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except RegistryError:
-            raise
-        except OSError as exc:
-            raise RegistryError(f"registry {self.where}: {what} failed: {exc}") from exc
-
-
-class _S3Store:
-    """S3 keys under ``prefix``; conditional writes use If-None-Match / If-Match (HTTP 412)."""
-
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None):
-        import boto3
-        from botocore.config import Config as BotoConfig
-
-        self.bucket, self.prefix, self.endpoint_url = bucket, prefix, endpoint_url
-        self.where = f"s3://{bucket}/{prefix}".rstrip("/") + (f" at {endpoint_url}" if endpoint_url else "")
-        # Small, bounded retries/timeouts: a dead endpoint must fail a CLI call in seconds.
-        cfg = BotoConfig(connect_timeout=5, read_timeout=5, retries={"max_attempts": 2, "mode": "standard"})
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=cfg)
-
-    def _key(self, key: str) -> str:
-        return self.prefix + key
-
-    @staticmethod
-    def _code(exc: Exception) -> str:
-        return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-
-    @staticmethod
-    def _status(exc: Exception) -> int:
-        return int(getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-
-    def _precondition_failed(self, exc: Exception) -> bool:
-        # 412 PreconditionFailed: the condition did not hold; 409 ConditionalRequestConflict:
-        # a concurrent conditional write on the same key won (S3 asks to retry).
-        return self._status(exc) in (409, 412) or self._code(exc) in ("PreconditionFailed",
-                                                                      "ConditionalRequestConflict")
-
-    def get(self, key: str) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if self._code(exc) in ("NoSuchKey", "404"):
-                return None
-            raise
-        return obj["Body"].read(), obj["ETag"]
-
-    def put(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-
-    def put_new(self, key: str, data: bytes) -> bool:
-        from botocore.exceptions import ClientError
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as exc:
-            if self._precondition_failed(exc):
-                return False
-            raise
-
-    def put_if(self, key: str, data: bytes, token: str | None) -> bool:
-        from botocore.exceptions import ClientError
-        cond = {"IfMatch": token} if token else {"IfNoneMatch": "*"}
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **cond)
-            return True
-        except ClientError as exc:
-            if self._precondition_failed(exc):
-                return False
-            raise
-
-    def upload(self, key: str, src: Path, sha256: str, md5: str) -> None:
-        # AWS rejects a body that does not match Content-MD5 / ChecksumSHA256 (BadDigest) and
-        # keeps the SHA-256 for later HEADs. (moto stores both headers without checking them.)
-        with open(src, "rb") as f:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=f,
-                                   ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode(),
-                                   ChecksumAlgorithm="SHA256",
-                                   ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode())
-
-    def verify(self, key: str, sha256: str, md5: str, size: int) -> str | None:
-        """Check the stored object: size, stored SHA-256, and the ETag, which for a single-part
-        upload without SSE-KMS is the MD5 the server computed from the bytes it stored."""
-        head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
-        if int(head.get("ContentLength", -1)) != size:
-            return f"size {head.get('ContentLength')} != {size}"
-        stored = head.get("ChecksumSHA256")
-        if stored and "-" not in stored and base64.b64decode(stored).hex() != sha256:
-            return f"stored sha256 {base64.b64decode(stored).hex()} != {sha256}"
-        etag = str(head.get("ETag", "")).strip('"')
-        if re.fullmatch(r"[0-9a-f]{32}", etag) and head.get("ServerSideEncryption") != "aws:kms":
-            return None if etag == md5 else f"ETag (MD5 of the stored bytes) {etag} != {md5}"
-        # No usable ETag: re-read and hash.
-        h = hashlib.sha256()
-        body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-        for block in iter(lambda: body.read(_CHUNK), b""):
-            h.update(block)
-        got = h.hexdigest()
-        return None if got == sha256 else f"sha256 {got} != {sha256}"
-
-    def download(self, key: str, dest: Path) -> None:
-        from botocore.exceptions import ClientError
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if self._code(exc) in ("NoSuchKey", "404"):
-                raise RegistryError(f"{self.where}: s3://{self.bucket}/{self._key(key)} is missing") from None
-            raise
-        with open(dest, "wb") as f:
-            for block in iter(lambda: obj["Body"].read(_CHUNK), b""):
-                f.write(block)
-
-    def children(self, prefix: str) -> list[str]:
-        base = self._key(prefix.rstrip("/") + "/")
-        names: list[str] = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=base, Delimiter="/"):
-            names += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-        return sorted(names)
-
-    def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-
-    @contextlib.contextmanager
-    def errors(self, what: str) -> Iterator[None]:
-        from botocore.exceptions import BotoCoreError, ClientError
-        try:
-            yield
-        except RegistryError:
-            raise
-        except ClientError as exc:
-            code = self._code(exc)
-            if code == "NoSuchBucket":
-                msg = f"bucket {self.bucket!r} does not exist"
-            elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                msg = f"access denied ({code}); check the AWS credentials"
-            else:
-                msg = f"{code or 'error'}: {exc}"
-            raise RegistryError(f"registry {self.where}: {what} failed: {msg}") from exc
-        except BotoCoreError as exc:  # endpoint unreachable, timeouts, missing credentials
-            raise RegistryError(f"registry {self.where}: {what} failed: {exc}") from exc
-        except OSError as exc:
-            raise RegistryError(f"registry {self.where}: {what} failed: {exc}") from exc
-
-
-# ----------------------------------------------------------------------------- registry
 class Registry:
     """Versioned model store with a CAS-moved production pointer (file:// or s3://)."""
 
@@ -357,12 +81,12 @@ class Registry:
             if not bucket:
                 raise RegistryError(f"registry URI {uri!r} names no bucket (expected s3://BUCKET/PREFIX)")
             prefix = prefix.strip("/")
-            self._store: _FileStore | _S3Store = _S3Store(bucket, prefix + "/" if prefix else "", endpoint_url)
+            self._store: FileStore | S3Store = S3Store(bucket, prefix + "/" if prefix else "", endpoint_url)
         elif uri.startswith("file://") or "://" not in uri:
             root = uri[len("file://"):] if uri.startswith("file://") else uri
             if not root:
                 raise RegistryError(f"registry URI {uri!r} names no folder (expected file://PATH)")
-            self._store = _FileStore(Path(root).expanduser())
+            self._store = FileStore(Path(root).expanduser())
         else:
             raise RegistryError(f"registry URI {uri!r}: scheme must be file:// or s3://")
 
@@ -436,7 +160,7 @@ class Registry:
         """Upload a new version; returns its id ("v0001", ...). Manifest last, after verification."""
         self._check_name(name)
         local = self._collect(files)
-        hashes = {rel: _hashes(p) for rel, p in local.items()}
+        hashes = {rel: file_hashes(p) for rel, p in local.items()}
         entries = {rel: {"sha256": hashes[rel][0], "size": p.stat().st_size} for rel, p in local.items()}
         with self._store.errors(f"registering {name}"):
             version = self._claim_version(name)
@@ -639,93 +363,3 @@ class Registry:
                 continue
             decision.update(promoted=True, reason=f"promoted {version}: {reason}")
             return decision
-
-
-# ----------------------------------------------------------------------------- CLI
-def _registry_from_args(args: argparse.Namespace) -> tuple[Registry, str]:
-    from prvr.cli import config_from_args
-    cfg = config_from_args(args).registry
-    uri = args.uri or cfg.uri
-    endpoint = args.endpoint_url or cfg.endpoint_url
-    return Registry(uri, endpoint_url=endpoint), args.name or cfg.model_name
-
-
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    reg, name = _registry_from_args(args)
-    rows = reg.list(name)
-    if args.json:
-        _print(rows)
-        return 0
-    if not rows:
-        print(f"no versions of {name} in {reg.uri}")
-        return 0
-    print(f"{'':1} {'version':8} {'created':25} {'sumr':>8}  data_version")
-    for r in rows:
-        sumr = f"{r['sumr']:.2f}" if r["sumr"] is not None else "-"
-        print(f"{'*' if r['production'] else ' '} {r['version']:8} {r['created'] or '-':25} {sumr:>8}  "
-              f"{r['data_version'] or '-'}")
-    return 0
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
-    reg, name = _registry_from_args(args)
-    _print(reg.show(name, args.version))
-    return 0
-
-
-def _cmd_promote(args: argparse.Namespace) -> int:
-    reg, name = _registry_from_args(args)
-    expected = _UNSET if args.expect is None else (None if args.expect.lower() == "none" else args.expect)
-    _print(reg.promote(name, args.version, expected_current=expected))
-    return 0
-
-
-def _cmd_rollback(args: argparse.Namespace) -> int:
-    reg, name = _registry_from_args(args)
-    _print(reg.rollback(name))
-    return 0
-
-
-def _cmd_pull(args: argparse.Namespace) -> int:
-    reg, name = _registry_from_args(args)
-    print(reg.pull(name, args.version, args.dest))
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """`prvr registry list|show|promote|rollback|pull`."""
-    from prvr.cli import add_config_args
-
-    parser = subparsers.add_parser("registry", help="inspect and move model versions in the registry")
-    sub = parser.add_subparsers(dest="registry_command", metavar="ACTION")
-    sub.required = True
-
-    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        add_config_args(p)
-        p.add_argument("--uri", default=None, help="file://PATH or s3://BUCKET/PREFIX (default: registry.uri)")
-        p.add_argument("--endpoint-url", default=None,
-                       help="S3 endpoint, e.g. http://127.0.0.1:9000 (default: registry.endpoint_url)")
-        p.add_argument("--name", default=None, help="model name (default: registry.model_name)")
-        return p
-
-    p = common(sub.add_parser("list", help="list complete versions; * marks production"))
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_list)
-    p = common(sub.add_parser("show", help="print a version's manifest (default: production)"))
-    p.add_argument("--version", default=None, help="version id, e.g. v0003 (default: production)")
-    p.set_defaults(func=_cmd_show)
-    p = common(sub.add_parser("promote", help="point production at a version (compare-and-swap)"))
-    p.add_argument("--version", required=True, help="version id to promote, e.g. v0003")
-    p.add_argument("--expect", default=None,
-                   help="refuse unless production currently is this version ('none' = no production)")
-    p.set_defaults(func=_cmd_promote)
-    p = common(sub.add_parser("rollback", help="point production back at the previous production version"))
-    p.set_defaults(func=_cmd_rollback)
-    p = common(sub.add_parser("pull", help="download a version's files, verifying sha256"))
-    p.add_argument("--version", default=None, help="version id (default: production)")
-    p.add_argument("--dest", default=None, help="destination folder (default: ./<name>/<version>)")
-    p.set_defaults(func=_cmd_pull)

@@ -12,7 +12,6 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import math
@@ -23,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import h5py
 import numpy as np
 
 from prvr.errors import DataError
@@ -31,7 +31,7 @@ from prvr.metrics import mv_bin_labels
 __all__ = [
     "SPLITS", "BigFile", "Caption", "Moment", "Collection", "video_id_of",
     "default_text_feature_file", "caption_file_name", "parse_video2frames", "mv_bins",
-    "format_stats", "register_cli",
+    "format_stats",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -328,7 +328,6 @@ class Collection:
         return self.text_feature_path.is_file()
 
     def _text_file(self) -> Any:
-        import h5py
 
         if self._text is None or self._text.pid != os.getpid():
             if not self.has_text_features:
@@ -547,34 +546,3 @@ def format_stats(stats: dict[str, Any]) -> str:
         for split, bins in with_bins.items():
             lines.append(f"{split:<9} " + " ".join(f"{bins[k]:>8}" for k in keys))
     return "\n".join(lines)
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    from prvr.cli import config_from_args
-
-    cfg = config_from_args(args)
-    path = args.data or os.path.join(cfg.data.root, cfg.data.collection)
-    coll = Collection(path, args.video_feature or cfg.data.video_feature,
-                      args.text_feature_file or cfg.data.text_feature_file)
-    stats = coll.check()
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    from prvr.cli import add_config_args
-
-    data = subparsers.add_parser("data", help="inspect a collection in the public feature-release format")
-    sub = data.add_subparsers(dest="data_command", metavar="ACTION")
-    sub.required = True
-    check = sub.add_parser("check", help="validate a collection and print its statistics")
-    check.add_argument("--data", default=None,
-                       help="collection folder ROOT/COLL (default: data.root/data.collection)")
-    check.add_argument("--video-feature", default=None,
-                       help="FeatureData/<name> to read (default: data.video_feature, else the only one)")
-    check.add_argument("--text-feature-file", default=None,
-                       help="TextData/<file> with the query features (default: data.text_feature_file, "
-                            "else roberta_<coll>_query_feat.hdf5)")
-    check.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    add_config_args(check)
-    check.set_defaults(func=_cmd_check)
