@@ -21,7 +21,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import boto3
 from botocore.config import Config as BotoConfig
@@ -137,14 +137,8 @@ class FileStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    @contextlib.contextmanager
-    def errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except RegistryError:
-            raise
-        except OSError as exc:
-            raise RegistryError(f"registry {self.where}: {what} failed: {exc}") from exc
+    def errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return _errors(self.where, what)
 
 
 class S3Store:
@@ -256,22 +250,27 @@ class S3Store:
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
-    @contextlib.contextmanager
-    def errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except RegistryError:
-            raise
-        except ClientError as exc:
-            code = self._code(exc)
-            if code == "NoSuchBucket":
-                msg = f"bucket {self.bucket!r} does not exist"
-            elif code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                msg = f"access denied ({code}); check the AWS credentials"
-            else:
-                msg = f"{code or 'error'}: {exc}"
-            raise RegistryError(f"registry {self.where}: {what} failed: {msg}") from exc
-        except BotoCoreError as exc:  # endpoint unreachable, timeouts, missing credentials
-            raise RegistryError(f"registry {self.where}: {what} failed: {exc}") from exc
-        except OSError as exc:
-            raise RegistryError(f"registry {self.where}: {what} failed: {exc}") from exc
+    def errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return _errors(self.where, what, self._explain)
+
+    def _explain(self, exc: Exception) -> str:
+        """S3 error codes a user can act on, in words; other errors as they come."""
+        if not isinstance(exc, ClientError):
+            return str(exc)             # BotoCoreError: endpoint unreachable, timeouts, no credentials
+        code = self._code(exc)
+        if code == "NoSuchBucket":
+            return f"bucket {self.bucket!r} does not exist"
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return f"access denied ({code}); check the AWS credentials"
+        return f"{code or 'error'}: {exc}"
+
+
+@contextlib.contextmanager
+def _errors(where: str, what: str, explain: Callable[[Exception], str] = str) -> Iterator[None]:
+    """Any store failure inside as one RegistryError naming the registry and the operation."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except (OSError, ClientError, BotoCoreError) as exc:
+        raise RegistryError(f"registry {where}: {what} failed: {explain(exc)}") from exc
