@@ -312,3 +312,14 @@ def test_truth_ranks_equal_ranks_of_the_full_score_matrix():
     s = score(q, clips, attended, 0.6)
     for kind in ("fused", "clip", "frame"):
         assert np.array_equal(got[kind], ranks_from_scores(getattr(s, kind).numpy(), truth)), kind
+
+
+@pytest.mark.parametrize("backend", ["exact", "faiss"])
+def test_an_empty_query_batch_gives_an_empty_result(tmp_path, backend):
+    g = torch.Generator().manual_seed(5)
+    clips = F.normalize(torch.randn(30, 4, 16, generator=g), dim=-1).numpy()
+    attended = F.normalize(torch.randn(30, 4, 16, generator=g), dim=-1).numpy()
+    index = VideoIndex.from_arrays(clips, attended, alpha=0.7)
+    engine = make_engine(index, search_cfg(backend=backend, index_type="flat"))
+    res = engine.search(torch.zeros(0, 16), top_k=5)
+    assert res.video_idx.shape == res.fused.shape == (0, 5)

@@ -40,7 +40,7 @@ from prvr.config import ANN_INDEX_TYPES, REFINE_CODES, SearchConfig
 from prvr.checkpoint import sha256_file
 from prvr.errors import SearchIndexError
 from prvr.model import fuse
-from prvr.search.exact import SearchResult, as_queries
+from prvr.search.exact import SearchResult, as_queries, empty_result
 from prvr.search.index import VideoIndex, advise_random
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
@@ -310,6 +310,8 @@ class FaissSearch:
         q = as_queries(queries)                                                # (Q, H)
         alpha = self.index.alpha if alpha is None else float(alpha)
         k = max(1, min(int(top_k), self.N))
+        if len(q) == 0:                                  # nothing to rank
+            return empty_result(0, k)
         need = min(self.N, max(k, candidates or self.cfg.candidates))
         total = self.N * self.K
         n = min(total, max(refine or self.cfg.refine, 2 * need))

@@ -163,6 +163,8 @@ class ExactSearch:
         q = as_queries(queries)                                            # (Q, H)
         alpha = self.index.alpha if alpha is None else float(alpha)
         k = max(1, min(int(top_k), self.N))
+        if len(q) == 0:                                  # nothing to rank
+            return empty_result(0, k)
         self.stats["queries"] += len(q)
         if self.precision == "fp32":
             return self._search_fp32(q, k, alpha)

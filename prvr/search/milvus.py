@@ -93,6 +93,8 @@ class MilvusSearch:
         q = as_queries(queries)                                                # (Q, H)
         alpha = self.index.alpha if alpha is None else float(alpha)
         k = max(1, min(int(top_k), self.N))
+        if len(q) == 0:                                  # nothing to rank
+            return empty_result(0, k)
         limit = min(self.N, MAX_GROUPS, max(k, candidates or self.cfg.milvus_candidates))
         hits = self.client.search(self.name, data=q.numpy().tolist(), anns_field="clip_vec", limit=limit,
                                   group_by_field="video", output_fields=["video", "clip", "att_vec"],
