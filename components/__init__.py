@@ -6,6 +6,7 @@ its tests, live in the package. See components/common.py for the image.
 from components.evaluate import evaluate
 from components.preprocess import preprocess
 from components.register import register
+from components.resolve import resolve
 from components.train import train
 
-__all__ = ["preprocess", "train", "evaluate", "register"]
+__all__ = ["resolve", "preprocess", "train", "evaluate", "register"]

@@ -9,9 +9,11 @@ the image)::
     docker push ghcr.io/prvr/prvr:0.1.0
 
 Use another image by setting PRVR_IMAGE when compiling, e.g.
-``PRVR_IMAGE=registry.example.com/prvr:0.1.0-cu128 python pipelines/prvr.py``.
-PRVR_TRAIN_GPUS (default 1) is the GPU limit of the train task; set it to the
-``nproc_per_node`` you will run with.
+``PRVR_IMAGE=registry.example.com/prvr:0.1.0 prvr pipeline compile --out prvr.yaml``.
+The train task runs in CUDA_IMAGE, IMAGE's CUDA tag (``-cu128``: the Dockerfile's
+``components-cuda`` target) unless told otherwise (``--train-image`` / PRVR_TRAIN_IMAGE);
+that and the other cluster settings (GPUs, volumes, secrets, retries) are compile options:
+pipelines/options.py.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from prvr.stages import pipeline_params
 
 DEFAULT_IMAGE = "ghcr.io/prvr/prvr:0.1.0"
 IMAGE = os.environ.get("PRVR_IMAGE", DEFAULT_IMAGE)
-TRAIN_GPUS = int(os.environ.get("PRVR_TRAIN_GPUS", "1"))
+CUDA_IMAGE = f"{IMAGE}-cu128"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # params.yaml as the pipeline's defaults: the compiled YAML carries this snapshot, so a

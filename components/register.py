@@ -1,4 +1,4 @@
-"""register: the promotion gate. Model + evaluation -> registry version (if better) + decision."""
+"""register: the promotion gate. Model + evaluation -> a registry version (always) + decision."""
 
 from typing import NamedTuple
 
@@ -13,8 +13,9 @@ def register(model: Input[Model], evaluation: Input[Artifact], dataset: Input[Da
              params_overrides: list, registry_uri: str, promotion_margin: float, endpoint_url: str,
              decision: Output[Artifact]) -> NamedTuple("RegisterOutputs", [("promoted", bool), ("version", str),
                                                                            ("reason", str)]):
-    """Build the test-split index, register model + index + metrics and promote them only if test
-    SumR beats production by more than promotion_margin. decision = folder with decision.json."""
+    """Build the serving index (serve.corpus), register model + index + metrics with the decision, and
+    promote them only if test SumR beats production, evaluated on this same test split, by more than
+    promotion_margin. decision = folder with decision.json."""
     import os
     from typing import NamedTuple
 

@@ -322,6 +322,11 @@ class Collection:
         """Unique video ids of a split, in first-seen order."""
         return list(dict.fromkeys(c.video_id for c in self.captions(split)))
 
+    def all_videos(self) -> list[str]:
+        """Every video of the feature folder (video2frames.txt, in file order), captioned or not:
+        the whole library a service searches."""
+        return list(self.video2frames)
+
     # ---- text features ----------------------------------------------------------------
     @property
     def has_text_features(self) -> bool:

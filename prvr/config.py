@@ -100,10 +100,12 @@ Text = Annotated[str, Field(min_length=1)]
 _DEVICE = r"^(?:auto|cpu|cuda(?::[0-9]+)?)$"
 _REFINE = rf"^(?:{REFINE_CODES.pattern})$"
 _REGISTRY_URI = r"^(?:(?:file|s3)://.+|[^:]+)$"           # registry.Registry accepts these
+_CHECKPOINT_URI = r"^(?:s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](?:/.*)?|/.*)$"   # train.checkpoint_uri
 _PATTERN_HINTS = {                                  # what a pattern means, for error messages
     _DEVICE: "auto, cpu, cuda or cuda:N",
     _REFINE: "arrays, fp16, sq8 or pq<M> (M >= 1 bytes per clip)",
     _REGISTRY_URI: "file://PATH, s3://BUCKET/PREFIX or a folder path",
+    _CHECKPOINT_URI: "s3://BUCKET/PREFIX or an absolute folder path",
 }
 
 
@@ -163,6 +165,7 @@ class TextConfig(_Section):
     encoder: Text
     batch_size: PosInt
     precision: Literal["float32", "bfloat16"]
+    source: Literal["auto", "hdf5", "encoder"]
 
 
 class ModelConfig(_Section):
@@ -221,6 +224,7 @@ class TrainConfig(_Section):
     collapse_cosine: Annotated[Float, Field(ge=-1, le=1)]
     collapse_lr_factor: Annotated[Float, Field(gt=0, le=1)]
     max_collapse_restarts: Count
+    checkpoint_uri: Annotated[str, Field(pattern=_CHECKPOINT_URI)] | None
 
 
 class EvalConfig(_Section):
@@ -266,6 +270,7 @@ class ServeConfig(_Section):
     batch_size: PosInt
     max_batch_delay_ms: Count
     threads: PosInt
+    corpus: Text                                    # all | a split | a file of video ids
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":

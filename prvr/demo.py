@@ -1,6 +1,6 @@
 """`prvr demo`: the training pipeline end to end on built-in synthetic data.
 
-Runs the Kubeflow pipeline (pipelines/prvr.py) locally with kfp's SubprocessRunner
+Runs the Kubeflow pipeline (pipelines/prvr_pipeline.py) locally with kfp's SubprocessRunner
 (or, with ``--no-pipeline``, the same stage functions directly), then prints the
 data summary, the test metrics and the registry's promotion decision.
 
@@ -37,7 +37,7 @@ __all__ = ["run_pipeline", "run_stages", "print_summary", "serve_and_query", "pr
 # ~40 s; 5 epochs took 2.6 min end to end (test SumR 199). Ten epochs keep the demo near
 # five minutes with a clearly trained model; pass --epochs to change it.
 DEMO_EPOCHS = 10
-PIPELINE_FILE = Path(__file__).resolve().parent.parent / "pipelines" / "prvr.py"
+PIPELINE_FILE = Path(__file__).resolve().parent.parent / "pipelines" / "prvr_pipeline.py"
 
 
 def _file_uri(uri: str) -> str:
@@ -56,7 +56,7 @@ def _load_pipeline() -> Any:
     root = str(PIPELINE_FILE.parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    return importlib.import_module("pipelines.prvr").prvr_pipeline
+    return importlib.import_module("pipelines.prvr_pipeline").prvr_pipeline
 
 
 def _read(path: str | Path, name: str) -> dict[str, Any]:

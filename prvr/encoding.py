@@ -24,34 +24,65 @@ import torch
 from prvr.checkpoint import read_checkpoint
 from prvr.collection import Collection
 from prvr.config import Config
-from prvr.errors import CheckpointError
+from prvr.errors import CheckpointError, DataError
 from prvr.model import PRVRModel, VideoEmbeddings
-from prvr.text import TextEncoder
+from prvr.text import TextEncoder, encoder_identifier
 from prvr.views import VideoBatch, collate_queries, collate_videos, video_views
 
 __all__ = ["load_model", "TextSource", "VideoSource", "encode_corpus", "encode_query_texts",
-           "check_compatible", "check_text_encoder", "QueryEncoder"]
+           "check_compatible", "check_text_encoder", "QueryEncoder", "hdf5_encoder_name", "is_precomputed",
+           "precomputed_message", "PRECOMPUTED_PREFIX"]
 
 CACHE_LIMIT_BYTES = 2 << 30
+PRECOMPUTED_PREFIX = "hdf5:"      # the text encoder of a model trained on precomputed HDF5 features
+
+
+def hdf5_encoder_name(collection: Collection) -> str:
+    """What a model trained on ``collection``'s HDF5 records as its text encoder: the encoder
+    ``encode_collection`` stored in the file, else ``hdf5:<file>`` (precomputed features, e.g.
+    the release's RoBERTa, with no encoder to type queries with)."""
+    return collection.text_encoder or f"{PRECOMPUTED_PREFIX}{collection.text_feature_path.name}"
+
+
+def is_precomputed(text_encoder: str | None) -> bool:
+    """Whether a recorded text encoder is precomputed HDF5 features (no encoder to load)."""
+    return bool(text_encoder) and text_encoder.startswith(PRECOMPUTED_PREFIX)
+
+
+def precomputed_message(text_encoder: str, text_dim: int) -> str:
+    """Why a model trained on precomputed text features cannot encode typed text, and the way out."""
+    return (f"this model was trained on precomputed text features ({text_encoder}) and has no text "
+            f"encoder for typed queries: send 'token_features' (L x {text_dim} numbers, the same "
+            f"features), or retrain it with `text.source: encoder` (text.encoder over the captions) "
+            f"to query it with typed text")
 
 
 class TextSource:
-    """Token features per cap_id: from HDF5, or encoded once from caption text."""
+    """Token features per cap_id: from HDF5, or encoded once from caption text.
+
+    ``text.source`` chooses: ``auto`` the HDF5 when present, else ``text.encoder``; ``hdf5``
+    the HDF5 only (a DataError without one); ``encoder`` always ``text.encoder``'s features
+    (an HDF5 it wrote itself is read, any other is ignored and the captions are encoded)."""
 
     def __init__(self, collection: Collection, cfg: Config):
         self.collection = collection
         self.encoder = None
         self._cache: dict[str, np.ndarray] = {}
-        if collection.has_text_features:
+        source = cfg.text.source
+        if source == "hdf5" and not collection.has_text_features:
+            raise DataError(f"text.source is hdf5 but the text feature file {collection.text_feature_path} "
+                            "is missing: set text.source to auto or encoder to encode the captions")
+        if collection.has_text_features and (source != "encoder" or collection.text_encoder ==
+                                             encoder_identifier(cfg.text.encoder, cfg.text.precision)):
             self.dim = collection.text_dim
-            self.encoder_name = collection.text_encoder or f"hdf5:{collection.text_feature_path.name}"
-        else:
-            self.encoder = TextEncoder.from_config(cfg)
-            self.dim = self.encoder.dim
-            self.encoder_name = self.encoder.name
-            self._batch = cfg.text.batch_size
-            self._texts = {c.cap_id: c.text for s in collection.available_splits()
-                           for c in collection.captions(s)}
+            self.encoder_name = hdf5_encoder_name(collection)
+            return
+        self.encoder = TextEncoder.from_config(cfg)
+        self.dim = self.encoder.dim
+        self.encoder_name = self.encoder.name
+        self._batch = cfg.text.batch_size
+        self._texts = {c.cap_id: c.text for s in collection.available_splits()
+                       for c in collection.captions(s)}
 
     def get(self, cap_ids: list[str]) -> list[np.ndarray]:
         if self.encoder is None:
@@ -139,6 +170,8 @@ def check_compatible(ckpt: dict, collection: Collection, texts: TextSource) -> N
 
 def check_text_encoder(encoder: Any, trained_with: str | None, text_dim: int) -> None:
     """Refuse a text encoder other than the one the model was trained with, or of another size."""
+    if is_precomputed(trained_with):
+        raise CheckpointError(precomputed_message(trained_with, text_dim))
     if trained_with and encoder.name != trained_with:
         raise CheckpointError(f"text encoder {encoder.name!r} differs from {trained_with!r}, the one "
                               f"the model was trained with; typed queries would be encoded wrongly")

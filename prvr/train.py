@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -157,6 +157,7 @@ class Run(Step):
     val_source: VideoSource
     out_dir: Path
     live: Any                            # dvclive.Live on rank 0, else None
+    on_epoch: Callable[[int, bool], None] | None = None   # rank 0, after last.pt: (epoch, new best?)
 
     @property
     def is_main(self) -> bool:
@@ -429,6 +430,8 @@ def _record_epoch(run: Run, epoch: int, val: dict, stats: EpochStats) -> None:
                                     "optimizer": run.optimizer.state_dict(),
                                     "config": cfg.to_dict(), "state": state})
     _log_metrics(run.live, record, val)
+    if run.on_epoch is not None:          # e.g. copy the checkpoints off the pod (train.checkpoint_uri)
+        run.on_epoch(epoch, state["best_epoch"] == epoch)
     print(f"epoch {epoch}: loss {record['loss']:.4f}  val SumR {sumr:.1f}  "
           f"R@1 {val['fused']['r1']:.1f}  spread {val['query_spread']:.3f}  "
           f"{record['videos_per_s']:.1f} videos/s", file=sys.stderr)
@@ -464,8 +467,11 @@ def _finish(run: Run) -> dict[str, Any]:
 # The training loop
 # --------------------------------------------------------------------------- #
 def train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool = True,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, on_epoch: Callable[[int, bool], None] | None = None) -> dict[str, Any]:
     """Train one model; returns the best validation metrics and where the checkpoint is.
+
+    ``on_epoch(epoch, improved)`` runs on rank 0 after each recorded epoch's last.pt (and,
+    when ``improved``, model.pt) is written.
 
     Deterministic algorithms are switched on for the run (restored after): with several
     CPU threads, the accumulating index/scatter backward passes otherwise differ in the
@@ -473,14 +479,15 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool 
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _train(cfg, data_path, out_dir, resume, progress)
+        return _train(cfg, data_path, out_dir, resume, progress, on_epoch)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
 def _train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool,
-           progress: bool) -> dict[str, Any]:
+           progress: bool, on_epoch: Callable[[int, bool], None] | None = None) -> dict[str, Any]:
     run, t = setup(cfg, data_path, out_dir, resume), cfg.train
+    run.on_epoch = on_epoch
     while run.state["epoch"] < t.epochs and run.state["bad_epochs"] < t.patience:
         epoch = run.state["epoch"] + 1
         snapshot = _snapshot(run)

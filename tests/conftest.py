@@ -8,9 +8,15 @@ import h5py
 import numpy as np
 import pytest
 
+from prvr import stages
+from prvr.config import load_config
 from prvr.synth import synthesize
 
 TOY_DIM, TOY_TEXT_DIM = 6, 8
+# A small model so a tiny-preset epoch takes seconds on 2 CPU cores (the `trained` fixture;
+# tests/test_stages.py's FAST is the same list).
+STAGE_FAST = ["model.hidden_size=64", "model.map_size=8", "model.cluster_num=8", "model.max_ctx_len=32",
+              "model.kmedoids_iters=10", "train.epochs=1"]
 # Frames of each video, in time order. Rows in feature.bin are deliberately interleaved
 # (not grouped by video) so readers cannot assume contiguous rows.
 TOY_VIDEOS = {"vidA": ["vidA_0", "vidA_1", "vidA_2"], "vidB": ["vidB_0", "vidB_1", "vidB_2", "vidB_3"],
@@ -83,3 +89,14 @@ def tiny_encoded(tmp_path_factory: pytest.TempPathFactory, text_encoder) -> Path
     path = synthesize(tmp_path_factory.mktemp("encoded"), "tiny", preset="tiny", seed=2018)
     encode_collection(path, text_encoder)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_encoded: Path) -> dict:
+    """One preprocess + 1-epoch training of a small model on ``tiny_encoded`` (root/ds, root/run),
+    shared by tests/test_stages.py and tests/test_gate.py: read-only, copy before changing."""
+    root = tmp_path_factory.mktemp("stages")
+    cfg = load_config(overrides=STAGE_FAST)
+    stages.preprocess(str(tiny_encoded), root / "ds", cfg)
+    result = stages.train_step(root / "ds", root / "run", cfg)
+    return {"root": root, "cfg": cfg, "result": result}

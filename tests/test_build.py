@@ -195,6 +195,27 @@ def test_dockerfile_stages_and_runtime():
     assert "WORKDIR /app" in text and not re.search(r"^COPY .*params\.yaml", text, re.M)
 
 
+def test_dockerfile_cuda_components_for_the_train_task():
+    """components-cuda: the components image over the CUDA wheel of the same locked torch,
+    tagged as the compiled pipeline's train task expects (components/common.py CUDA_IMAGE)."""
+    text = DOCKERFILE.read_text()
+    joined = re.sub(r"\\\n\s*", " ", text)
+    stages = dict((alias, base) for base, alias in
+                  re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)", text, re.M | re.I))
+    assert {"components", "components-cuda", "builder", "builder-cuda"} <= set(stages)
+    assert stages["builder-cuda"] == "torch-cuda" and stages["builder"] == "torch-cpu"
+    cuda_stage = joined.split("AS torch-cuda", 1)[1].split("FROM ", 1)[0]
+    index = re.search(r"^ARG CUDA_TORCH_INDEX_URL=(\S+)$", cuda_stage, re.M).group(1)
+    assert index == "https://download.pytorch.org/whl/cu128"
+    torch_install = [line for line in cuda_stage.splitlines() if "pip install" in line]
+    assert len(torch_install) == 1 and '--index-url "${CUDA_TORCH_INDEX_URL}"' in torch_install[0]
+    assert TORCH_PIN in torch_install[0].split() and "-c requirements.lock" in torch_install[0]
+    assert "COPY --from=builder-cuda /opt/venv /opt/venv" in joined.split("AS components-cuda", 1)[1]
+    assert "ghcr.io/prvr/prvr:0.1.0-cu128" in text
+    common = (ROOT / "components" / "common.py").read_text()
+    assert 'DEFAULT_IMAGE = "ghcr.io/prvr/prvr:0.1.0"' in common and 'CUDA_IMAGE = f"{IMAGE}-cu128"' in common
+
+
 def test_dockerignore_keeps_context_small():
     entries = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "data", "runs", ".dvc/cache"} <= entries

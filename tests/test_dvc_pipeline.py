@@ -1,5 +1,6 @@
 """dvc.yaml end to end: a temp git+DVC repo with the project's dvc.yaml and params.yaml (tiny preset,
-a small model, 1 epoch); `dvc repro` runs the chain, a second one runs nothing, and changing
+a small model, 1 epoch); `dvc repro` runs the chain (its register stage puts the candidate on record
+and never promotes: `prvr registry promote` does), a second one runs nothing, and changing
 train.lr reruns train and what follows but never synth or encode_text."""
 from __future__ import annotations
 
@@ -96,10 +97,17 @@ def test_repro_chain_then_nothing_then_only_downstream_of_train(dvc_repo: Path) 
                                                                                  "sumr_by_mv.png"]
     metrics = json.loads((repo / "metrics/test.json").read_text())
     assert metrics["split"] == "test" and metrics["fused"]["sumr"] > 0
+    # register (--no-promote): the candidate is on record with the decision; production never moves
     decision = json.loads((repo / "runs/register/decision.json").read_text())
-    assert decision["promoted"] and decision["version"] == "v0001"
-    assert (repo / "registry/models/prvr-mssl-pp/v0001/manifest.json").is_file()
-    assert list((repo / "runs/register/model_store").glob("prvr-v0001.mar"))
+    assert not decision["promoted"] and decision["version"] == "v0001" and decision["outcome"] == "held"
+    assert "promotion is explicit here: prvr registry promote --version v0001" in decision["reason"]
+    model = repo / "registry/models/prvr-mssl-pp"
+    assert json.loads((model / "v0001/manifest.json").read_text())["decision"]["outcome"] == "held"
+    assert not (model / "production.json").exists()
+    assert not (repo / "runs/register/model_store").exists()      # an archive only for a promoted version
+
+    _run(["prvr", "registry", "promote", "--params", "params.yaml", "--version", "v0001"], repo)
+    assert json.loads((model / "production.json").read_text())["version"] == "v0001"
 
     assert json.loads(_run([str(DVC), "status", "--json"], repo) or "{}") == {}
     second = _run([str(DVC), "repro"], repo)
@@ -112,7 +120,11 @@ def test_repro_chain_then_nothing_then_only_downstream_of_train(dvc_repo: Path) 
     assert {"train", "evaluate", "register"} <= _ran(third), third[-3000:]
     assert not {"synth", "encode_text"} & _ran(third), third[-3000:]
     decision = json.loads((repo / "runs/register/decision.json").read_text())
-    assert decision["reason"]                       # promoted or not, the gate says why
+    assert decision["version"] == "v0002" and not decision["promoted"]
+    # the gate evaluated production v0001 on this test split; the pointer stays where it was
+    assert decision["production_version"] == "v0001" and decision["production"] is not None
+    assert "promotion is explicit here: prvr registry promote --version v0002" in decision["reason"]
+    assert json.loads((model / "production.json").read_text())["version"] == "v0001"
 
     shown = json.loads(_run([str(DVC), "metrics", "show", "--json"], repo))
     data = json.dumps(shown)

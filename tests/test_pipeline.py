@@ -14,8 +14,11 @@ import yaml
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
 REPO = Path(__file__).resolve().parent.parent
-PIPELINE_PY = REPO / "pipelines" / "prvr.py"
+PIPELINE_PY = REPO / "pipelines" / "prvr_pipeline.py"
 PIPELINE_YAML = REPO / "pipelines" / "prvr.yaml"
+KFP_CLI = Path(sys.executable).with_name("kfp")
+# Compile-time settings from the environment (components/common.py, pipelines/options.py)
+COMPILE_ENV = ("PRVR_IMAGE", "PRVR_TRAIN_IMAGE", "PRVR_TRAIN_GPUS")
 # Small model: a tiny-preset epoch takes seconds on 2 CPU cores.
 FAST = ["model.hidden_size=64", "model.map_size=8", "model.cluster_num=8", "model.max_ctx_len=32",
         "model.kmedoids_iters=10"]
@@ -27,23 +30,48 @@ if str(REPO) not in sys.path:
 
 def test_committed_yaml_matches_a_fresh_compile(tmp_path: Path) -> None:
     fresh = tmp_path / "prvr.yaml"
-    env = {k: v for k, v in os.environ.items() if k not in ("PRVR_IMAGE", "PRVR_TRAIN_GPUS")}
+    env = {k: v for k, v in os.environ.items() if k not in COMPILE_ENV}
     proc = subprocess.run([sys.executable, str(PIPELINE_PY), str(fresh)], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert PIPELINE_YAML.is_file(), "pipelines/prvr.yaml is missing: run `python pipelines/prvr.py`"
+    assert PIPELINE_YAML.is_file(), "pipelines/prvr.yaml is missing: run `python pipelines/prvr_pipeline.py`"
     assert yaml.safe_load(fresh.read_text()) == yaml.safe_load(PIPELINE_YAML.read_text()), \
-        "pipelines/prvr.yaml is stale: run `python pipelines/prvr.py` and commit it"
+        "pipelines/prvr.yaml is stale: run `python pipelines/prvr_pipeline.py` and commit it"
+
+
+def _body(text: str) -> str:
+    """The YAML without kfp's header comment: it prints base_params' default, a protobuf Struct,
+    in an order that changes from process to process (hash seed)."""
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[next(i for i, line in enumerate(lines) if not line.startswith("#")):])
+
+
+def test_kfp_cli_compiles_the_committed_yaml(tmp_path: Path) -> None:
+    """`kfp dsl compile --py pipelines/prvr_pipeline.py` (the file must not be called prvr.py: the
+    CLI puts its folder first on sys.path, where it would shadow the prvr package)."""
+    out = tmp_path / "kfp.yaml"
+    env = {k: v for k, v in os.environ.items() if k not in COMPILE_ENV}
+    proc = subprocess.run([str(KFP_CLI), "dsl", "compile", "--py", str(PIPELINE_PY), "--output", str(out)],
+                          env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fresh, committed = out.read_text(), PIPELINE_YAML.read_text()
+    assert _body(fresh) == _body(committed), "pipelines/prvr.yaml is stale: run `prvr pipeline compile`"
+    assert yaml.safe_load(fresh) == yaml.safe_load(committed)
+    assert fresh.startswith("# PIPELINE DEFINITION\n# Name: prvr\n")
 
 
 def test_compiled_spec_shape() -> None:
     spec = yaml.safe_load(PIPELINE_YAML.read_text())
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {"exec-preprocess", "exec-train", "exec-evaluate", "exec-register"}
+    assert set(executors) == {"exec-resolve", "exec-preprocess", "exec-train", "exec-evaluate", "exec-register"}
     from components.common import DEFAULT_IMAGE
-    assert {e["container"]["image"] for e in executors.values()} == {DEFAULT_IMAGE}
+    images = {name: e["container"]["image"] for name, e in executors.items()}
+    assert images.pop("exec-train") == f"{DEFAULT_IMAGE}-cu128"        # the CUDA build trains
+    assert set(images.values()) == {DEFAULT_IMAGE}
     gpu = executors["exec-train"]["container"]["resources"]["accelerator"]
     assert gpu["resourceType"] == "nvidia.com/gpu" and gpu["resourceCount"] == "1"
+    assert spec["root"]["dag"]["tasks"]["train"]["retryPolicy"]["maxRetryCount"] == 2
+    assert "platforms" not in spec          # no PVC, secret, node selector or toleration by default
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"source", "variant", "epochs", "alpha", "nproc_per_node", "registry_uri", "promotion_margin",
             "params_overrides", "base_params", "endpoint_url"} == set(params)
@@ -58,7 +86,7 @@ def test_compiled_spec_shape() -> None:
 def test_whole_pipeline_runs_locally(tmp_path: Path, tiny_encoded: Path) -> None:
     import kfp.local
 
-    from pipelines.prvr import prvr_pipeline
+    from pipelines.prvr_pipeline import prvr_pipeline
     from prvr.registry import Registry
 
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
@@ -123,7 +151,8 @@ def test_components_as_plain_functions(tmp_path: Path, tiny_encoded: Path) -> No
     again = register.python_func(model=model, evaluation=evaluation, dataset=dataset, base_params=base,
                                  params_overrides=["search.backend='exact'"], registry_uri=uri,
                                  promotion_margin=1.0, endpoint_url="", decision=Artifact(uri=str(tmp_path / "d2")))
-    assert not again.promoted and again.version == "" and "does not beat" in again.reason
+    # the same model, production evaluated on the same split: not better by the margin, yet on record
+    assert not again.promoted and again.version == "v0002" and "does not beat" in again.reason
 
 
 @pytest.mark.integration

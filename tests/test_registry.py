@@ -121,6 +121,10 @@ def test_round_trip_with_checksums(backend, tmp_path):
     assert (out / "index" / "shard" / "ids.json").read_text() == (files["index"] / "shard" / "ids.json").read_text()
     assert json.loads((out / "manifest.json").read_text())["version"] == v
     assert not list(out.rglob(".tmp-*"))
+    only = reg.pull(NAME, v, dest=tmp_path / "only", files=["model.pt"])
+    assert sorted(p.name for p in only.rglob("*") if p.is_file()) == ["manifest.json", "model.pt"]
+    with pytest.raises(RegistryError, match="has no weights.bin"):
+        reg.pull(NAME, v, dest=tmp_path / "none", files=["weights.bin"])
 
 
 def test_register_a_directory_and_production_defaults(backend, tmp_path):
@@ -195,23 +199,68 @@ def test_promote_rollback_and_cas(backend, tmp_path):
 
 def test_promotion_gate(backend, tmp_path):
     reg = backend.registry()
-    d = reg.register_if_better(NAME, make_model(tmp_path, "1"), metrics(100.0), {})
+    d = reg.register_if_better(NAME, make_model(tmp_path, "1"), metrics(100.0), {}, source="synth:tiny")
     assert d["promoted"] and d["version"] == "v0001" and d["production"] is None
-    assert "no production" in d["reason"]
+    assert d["reason"] == "promoted v0001: no production model yet" and d["outcome"] == "promoted"
+    assert reg.show(NAME, "v0001")["decision"] == d and reg.show(NAME, "v0001")["source"] == "synth:tiny"
 
     d = reg.register_if_better(NAME, make_model(tmp_path, "2"), metrics(90.0), {})
-    assert d == {**d, "promoted": False, "version": None, "candidate": 90.0, "production": 100.0}
-    assert "does not beat" in d["reason"]
+    assert d == {**d, "promoted": False, "version": "v0002", "candidate": 90.0, "production": 100.0,
+                 "production_version": "v0001", "margin": 0.0, "outcome": "not better"}
+    assert d["reason"].startswith("registered v0002, not promoted: ") and "does not beat" in d["reason"]
     d = reg.register_if_better(NAME, make_model(tmp_path, "3"), metrics(100.5), {}, margin=1.0)
-    assert not d["promoted"] and d["version"] is None
-    assert reg.versions(NAME) == ["v0001"]                      # refused models are not pushed
+    assert not d["promoted"] and d["version"] == "v0003"
+    assert reg.versions(NAME) == ["v0001", "v0002", "v0003"]       # every candidate is on record
+    assert reg.production(NAME) == "v0001"
+    assert [r["decision"] for r in reg.list(NAME)] == ["promoted", "not better", "not better"]
+    assert reg.show(NAME, "v0003")["decision"]["reason"] == d["reason"]
 
     d = reg.register_if_better(NAME, make_model(tmp_path, "4"), metrics(120.0), {},
                                metric_key="fused.sumr", margin=1.0)
-    assert d["promoted"] and d["version"] == "v0002" and (d["candidate"], d["production"]) == (120.0, 100.0)
+    assert d["promoted"] and d["version"] == "v0004" and (d["candidate"], d["production"]) == (120.0, 100.0)
     assert reg.pointer(NAME)["previous"] == ["v0001"]
+    assert reg.show(NAME, "v0004")["decision"] == d            # "being promoted" settled to "promoted"
     with pytest.raises(RegistryError, match="no numeric 'fused.nope'"):
         reg.register_if_better(NAME, make_model(tmp_path, "5"), metrics(1.0), {}, metric_key="fused.nope")
+
+
+def test_gate_compares_stored_metrics_only_on_the_same_data_and_no_promote_never_moves(backend, tmp_path):
+    reg = backend.registry()
+    reg.register_if_better(NAME, make_model(tmp_path, "1"), metrics(100.0), {}, data_version="md5:real")
+    d = reg.register_if_better(NAME, make_model(tmp_path, "2"), metrics(500.0), {}, data_version="md5:synth")
+    assert not d["promoted"] and d["outcome"] == "not comparable" and "measured on other data" in d["reason"]
+    d = reg.register_if_better(NAME, make_model(tmp_path, "3"), metrics(500.0), {}, data_version="md5:real",
+                               promote=False)
+    assert not d["promoted"] and d["outcome"] == "held" and d["version"] == "v0003"
+    assert "promotion is explicit here: prvr registry promote --version v0003" in d["reason"]
+    assert "beats production v0001" in d["reason"]                  # what the gate would have said
+    assert reg.production(NAME) == "v0001" and reg.show(NAME, "v0003")["decision"] == d
+    # a custom judge decides; its extra fields are recorded
+    d = reg.register_if_better(NAME, make_model(tmp_path, "4"), metrics(1.0), {}, data_version="md5:real",
+                               judge=lambda prod: {"better": True, "production": 0.5, "reason": "judged",
+                                                   "split": "test"})
+    assert d["promoted"] and d["reason"] == "promoted v0004: judged" and d["split"] == "test"
+    assert reg.show(NAME, "v0004")["decision"]["split"] == "test" and reg.production(NAME) == "v0004"
+
+
+def test_gate_judges_again_when_production_moves_meanwhile(backend, tmp_path):
+    reg = backend.registry()
+    v1 = reg.register(NAME, make_model(tmp_path, "1"), metrics(100.0), {})
+    v2 = reg.register(NAME, make_model(tmp_path, "2"), metrics(300.0), {})
+    reg.promote(NAME, v1)
+    judged = []
+
+    def judge(prod):
+        judged.append(prod)
+        if prod == v1:            # someone promotes v2 while this candidate is being judged
+            reg.promote(NAME, v2)
+            return {"better": True, "production": 100.0, "reason": f"beats {prod}"}
+        return {"better": False, "production": 300.0, "reason": f"does not beat {prod}"}
+
+    d = reg.register_if_better(NAME, make_model(tmp_path, "3"), metrics(200.0), {}, judge=judge)
+    assert judged == [v1, v2] and not d["promoted"] and d["production_version"] == v2
+    assert d["reason"] == "registered v0003, not promoted: does not beat v0002"
+    assert reg.production(NAME) == v2 and reg.show(NAME, "v0003")["decision"] == d
 
 
 def test_resolve_metric():
@@ -274,6 +323,10 @@ def test_concurrent_gates_keep_the_best(backend, tmp_path):
     reg = backend.registry()
     assert decisions[200.0]["promoted"]
     assert reg.show(NAME)["metrics"]["fused"]["sumr"] == 200.0
+    # both are on record, each manifest with its final decision (none left "being promoted")
+    assert {r["version"]: r["decision"] for r in reg.list(NAME)} == {
+        d["version"]: d["outcome"] for d in decisions.values()}
+    assert all(reg.show(NAME, d["version"])["decision"] == d for d in decisions.values())
 
 
 # ----------------------------------------------------------------------------- failures
@@ -373,7 +426,7 @@ def test_cli(backend, tmp_path, capsys):
     capsys.readouterr()
     assert run_cli(["registry", "list", *common]) == 0
     table = capsys.readouterr().out
-    assert f"* {v2}" in table and "120.00" in table
+    assert f"* {v2}" in table and "120.00" in table and "decision" in table
     assert run_cli(["registry", "list", *common, "--json"]) == 0
     assert [r["version"] for r in json.loads(capsys.readouterr().out)] == [v1, v2]
     assert run_cli(["registry", "show", *common]) == 0

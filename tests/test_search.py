@@ -297,6 +297,39 @@ def test_cli_build_and_search(tiny_encoded, tiny_checkpoint, tmp_path, capsys):
                  str(tiny_checkpoint), "--query", "x"]) == 2
 
 
+def test_index_of_all_videos_a_list_file_and_unknown_ids(tiny_encoded, tiny_checkpoint, tmp_path, capsys):
+    """--videos all: every video in FeatureData (captioned or not); a list file: just those;
+    an unknown id: refused by name. The manifest records the corpus and the data version."""
+    from prvr.cli import main
+    from prvr.collection import Collection
+    from prvr.indexing import build_index
+
+    coll = Collection(tiny_encoded)
+    everything = coll.all_videos()
+    assert len(everything) > max(len(coll.videos(s)) for s in coll.available_splits())
+    assert main(["index", "build", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_encoded),
+                 "--videos", "all", "--out", str(tmp_path / "all"), "--data-version", "md5:abc"]) == 0
+    assert f"{len(everything)} videos (all)" in capsys.readouterr().out
+    index = VideoIndex.load(tmp_path / "all", verify=True)
+    assert index.video_ids == everything
+    assert (index.manifest["corpus"], index.manifest["corpus_size"], index.manifest["data_version"]) == \
+        ("all", len(everything), "md5:abc")
+    listed = tmp_path / "videos.txt"
+    listed.write_text(f"# two videos\n{everything[3]}\n\n  {everything[0]}  \n{everything[3]}\n")
+    cfg = load_config(None, [])
+    path = build_index(tiny_checkpoint, tiny_encoded, str(listed), tmp_path / "some", cfg, progress=False)
+    some = VideoIndex.load(path)
+    assert some.video_ids == [everything[3], everything[0]] and some.manifest["corpus_size"] == 2
+    assert some.manifest["corpus"] == str(listed.resolve()) and some.manifest["data_version"] is None
+    assert np.allclose(some.clips[1], index.clips[0], atol=1e-5)      # the same vectors as in `all`
+    listed.write_text(f"{everything[0]}\nno_such_video\nnor_this\n")
+    with pytest.raises(SearchIndexError, match="2 video id.*not in .*video2frames.txt: 'no_such_video', 'nor_this'"):
+        build_index(tiny_checkpoint, tiny_encoded, str(listed), tmp_path / "bad", cfg, progress=False)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SearchIndexError, match="expected all, a split"):
+        build_index(tiny_checkpoint, tiny_encoded, str(tmp_path / "missing.txt"), tmp_path / "bad", cfg)
+
+
 def test_truth_ranks_equal_ranks_of_the_full_score_matrix():
     """Evaluation's ranks (through the engine) == ranks of prvr.model.score's full matrix."""
     from prvr.metrics import ranks_from_scores

@@ -134,8 +134,11 @@ def test_valid_requests_parse():
     assert (q.texts, q.top_k, q.alpha) == (["a", "b"], CFG.top_k, 0.7)
     q = parse_request(Request({"token_features": [[[1.0] * 8] * 3, [[2.0] * 8]]}), CFG, 8, 0.7)
     assert [f.shape for f in q.features] == [(3, 8), (1, 8)]
-    with pytest.raises(RequestError, match="serves .token_features. only"):
+    with pytest.raises(RequestError, match="serves .token_features. only") as refused:
         parse_request(Request({"query": "x"}), CFG, 8, 0.7, features_only=True)
+    assert refused.value.status == 422
+    with pytest.raises(RequestError, match="retrain"):
+        parse_request(Request({"queries": ["x"]}), CFG, 8, 0.7, features_only=True, refusal="retrain")
 
 
 # --------------------------------------------------------------------------- answering
@@ -150,6 +153,7 @@ def test_answer_schema_and_per_request_errors(retriever):
     assert [a.outcome for a in answers] == ["ok", "bad_request", "ok", "ok"]
     ok = answers[0].body
     assert ok["model_version"] == "v0001" and ok["corpus_size"] == retriever.corpus_size
+    assert "data_version" in ok and ok["data_version"] is None          # an index built without one
     assert ok["alpha"] == pytest.approx(0.7) and ok["top_k"] == 3
     [res] = ok["results"]
     assert res["query"] == "a man opens the fridge" and len(res["videos"]) == 3

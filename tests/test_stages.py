@@ -94,14 +94,7 @@ def test_preprocess_keeps_existing_features_and_reports_bad_data(tmp_path: Path,
 
 
 # ----------------------------------------------------------------------------- train / evaluate / register
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_encoded: Path) -> dict:
-    """One preprocess + 1-epoch training of a small model, shared by the tests below."""
-    root = tmp_path_factory.mktemp("stages")
-    cfg = load_config(overrides=FAST)
-    stages.preprocess(str(tiny_encoded), root / "ds", cfg)
-    result = stages.train_step(root / "ds", root / "run", cfg)
-    return {"root": root, "cfg": cfg, "result": result}
+# `trained` (tests/conftest.py): one preprocess + 1-epoch training with FAST, shared with test_gate.py.
 
 
 def test_train_step_writes_run_folder(trained: dict) -> None:
@@ -159,12 +152,25 @@ def test_register_step_gate_and_decision_file(trained: dict, tmp_path: Path) -> 
     assert manifest["data_version"] == first["data_version"] and first["data_version"].startswith("md5:")
     if first["index"]:
         assert any(f.startswith("index/") for f in manifest["files"])
-    # the same model again (metrics as a dict) does not beat production by the margin
+    # serve.corpus (default all): the served index holds every video of the collection, not a split
+    index = json.loads((tmp_path / "reg" / "index" / "manifest.json").read_text())
+    path, _, _ = stages.load_dataset(root / "ds", cfg)
+    assert index["corpus"] == "all" and index["corpus_size"] == len(Collection(path).all_videos())
+    assert index["corpus_size"] > len(Collection(path).videos("test"))
+    assert index["data_version"] == first["data_version"]
+    source = json.loads((root / "ds" / stages.DATASET_JSON).read_text())["source"]
+    assert manifest["decision"]["outcome"] == "promoted" and manifest["source"] == source
+    # the same model again (metrics as a dict): production, evaluated on this same split, scores
+    # exactly what the candidate does, so it does not beat it by the margin; still registered
     second = stages.register_step(root / "run", ev["metrics"], root / "ds", cfg, uri, 0.5,
                                   out_dir=tmp_path / "reg2", build_index=False)
-    assert not second["promoted"] and second["version"] is None
+    assert not second["promoted"] and second["version"] == "v0002" and second["outcome"] == "not better"
     assert "does not beat production v0001" in second["reason"]
-    assert "not registered" in format_decision(second)
+    assert "on the test split of this data" in second["reason"]
+    assert second["production"] == pytest.approx(second["candidate"])
+    assert "registered v0002, not promoted" in format_decision(second)
+    assert Registry(uri).show(cfg.registry.model_name, "v0002")["decision"]["reason"] == second["reason"]
+    assert Registry(uri).production(cfg.registry.model_name) == "v0001" and "archive" not in second
     with pytest.raises(PrvrError, match="checkpoint not found"):
         stages.register_step(tmp_path / "none", ev["metrics"], root / "ds", cfg, uri, 0.0)
 
@@ -213,6 +219,20 @@ def test_stage_cli_runs_evaluate_and_register(trained: dict, tmp_path: Path, cap
                               "--uri", f"file://{tmp_path / 'registry'}", "--no-index", *sets])
     assert args.func(args) == 0
     assert "promoted v0001" in capsys.readouterr().out
+    # --no-promote (what dvc.yaml runs): registered with the decision, production never moves
+    args = _cli().parse_args(["stage", "register", "--dataset", str(root / "ds"), "--model", str(root / "run"),
+                              "--metrics", str(tmp_path / "m.json"), "--out", str(tmp_path / "reg2"),
+                              "--uri", f"file://{tmp_path / 'registry'}", "--no-index", "--no-promote",
+                              "--margin", "-1", *sets])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "registered v0002, not promoted" in out
+    assert "promotion is explicit here: prvr registry promote --version v0002" in out
+    assert "beats production v0001" in out                          # the gate's verdict, on record
+    reg = Registry(f"file://{tmp_path / 'registry'}")
+    assert reg.production(trained["cfg"].registry.model_name) == "v0001"
+    assert reg.list(trained["cfg"].registry.model_name)[1]["decision"] == "held"
+    assert not (tmp_path / "reg2" / "model_store").exists()
 
 
 def test_stage_config_and_pipeline_params_round_trip(cfg) -> None:

@@ -8,6 +8,7 @@ import prvr.cli.data as data
 import prvr.cli.demo as demo
 import prvr.cli.index as index
 import prvr.cli.kube as kube
+import prvr.cli.pipeline as pipeline
 import prvr.cli.registry as registry
 import prvr.cli.serve as serve
 import prvr.cli.stage as stage
@@ -15,7 +16,7 @@ import prvr.cli.train as train
 from prvr.config import ConfigError
 from prvr.errors import PrvrError
 
-GROUPS = (demo, data, stage, train, index, registry, serve, kube)
+GROUPS = (demo, data, stage, train, index, registry, serve, kube, pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,11 +15,13 @@ from prvr.search import VideoIndex, make_engine
 
 def _build(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    path = build_index(args.checkpoint, args.data, args.split or cfg.eval.split, args.out, cfg,
-                       model_version=args.model_version, batch_size=args.batch_size, ann_type=args.ann)
+    path = build_index(args.checkpoint, args.data, args.videos or cfg.serve.corpus, args.out, cfg,
+                       model_version=args.model_version, batch_size=args.batch_size, ann_type=args.ann,
+                       data_version=args.data_version)
     m = VideoIndex.load(path).manifest
-    print(f"index {path}: {m['count']} videos x {m['num_clips']} clips x {m['hidden']} ({m['dtype']}), "
-          f"model version {m['model_version']}" + (f", faiss {m['ann']['index_type']}" if m.get("ann") else ""))
+    print(f"index {path}: {m['count']} videos ({m['corpus']}) x {m['num_clips']} clips x {m['hidden']} "
+          f"({m['dtype']}), model version {m['model_version']}"
+          + (f", faiss {m['ann']['index_type']}" if m.get("ann") else ""))
     return 0
 
 
@@ -53,10 +55,14 @@ def register_cli(subparsers: Any) -> None:
                                           "video, then search them exactly or approximately.")
     sub = p.add_subparsers(dest="index_command", metavar="ACTION")
     sub.required = True
-    b = sub.add_parser("build", help="encode a split's videos into an index folder (atomic swap)")
+    b = sub.add_parser("build", help="encode a corpus's videos into an index folder (atomic swap)")
     b.add_argument("--checkpoint", required=True, help="model.pt written by `prvr train`")
     b.add_argument("--data", required=True, help="collection folder ROOT/COLL")
-    b.add_argument("--split", default="test", help="train | val | test (default: test)")
+    b.add_argument("--videos", "--split", dest="videos", default=None, metavar="all|SPLIT|FILE",
+                   help="the corpus: all (every video in FeatureData), a split (train | val | test) or a "
+                        "file of video ids, one per line (default: serve.corpus, all)")
+    b.add_argument("--data-version", default=None,
+                   help="data version recorded in the manifest and answered by the service")
     b.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
     b.add_argument("--model-version", default=None,
                    help="version string recorded in the manifest (default: checkpoint sha256)")

@@ -28,11 +28,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no versions of {name} in {reg.uri}")
         return 0
-    print(f"{'':1} {'version':8} {'created':25} {'sumr':>8}  data_version")
+    print(f"{'':1} {'version':8} {'created':25} {'sumr':>8}  {'decision':14}  data_version")
     for r in rows:
         sumr = f"{r['sumr']:.2f}" if r["sumr"] is not None else "-"
         print(f"{'*' if r['production'] else ' '} {r['version']:8} {r['created'] or '-':25} {sumr:>8}  "
-              f"{r['data_version'] or '-'}")
+              f"{r['decision'] or '-':14}  {r['data_version'] or '-'}")
     return 0
 
 
@@ -75,10 +75,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--name", default=None, help="model name (default: registry.model_name)")
         return p
 
-    p = common(sub.add_parser("list", help="list complete versions; * marks production"))
+    p = common(sub.add_parser("list", help="list complete versions and the promotion gate's decision on each; "
+                                           "* marks production"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_list)
-    p = common(sub.add_parser("show", help="print a version's manifest (default: production)"))
+    p = common(sub.add_parser("show", help="print a version's manifest, the gate's full decision included "
+                                           "(default: production)"))
     p.add_argument("--version", default=None, help="version id, e.g. v0003 (default: production)")
     p.set_defaults(func=_cmd_show)
     p = common(sub.add_parser("promote", help="point production at a version (compare-and-swap)"))

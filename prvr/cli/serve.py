@@ -35,7 +35,7 @@ def _cmd_package(args: argparse.Namespace) -> int:
             if not args.data:
                 raise PrvrError(f"registry version {version} has no index/ folder: pass --index DIR or "
                                 "--data ROOT/COLL to build one")
-            index = build_index(checkpoint, args.data, args.split or cfg.eval.split,
+            index = build_index(checkpoint, args.data, args.videos or cfg.serve.corpus,
                                 Path(args.work) / name / f"{version}-index", cfg, model_version=version)
     mar = build_archive(checkpoint, index, args.out, version, args.model_name, cfg)
     print(mar)
@@ -83,7 +83,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--checkpoint", default=None, help="package this model.pt instead of a registry version")
     p.add_argument("--index", default=None, help="video index folder built by prvr.search for the checkpoint")
     p.add_argument("--data", default=None, help="collection ROOT/COLL to build the index when none is given")
-    p.add_argument("--split", default=None, help="split whose videos form the corpus (default: eval.split)")
+    p.add_argument("--videos", "--split", dest="videos", default=None, metavar="all|SPLIT|FILE",
+                   help="the corpus of an index built from --data: all, a split or a file of video ids "
+                        "(default: serve.corpus)")
     p.add_argument("--out", default="model_store", help="folder for the .mar (default: model_store)")
     p.add_argument("--work", default="runs/package", help="where registry files are pulled (default: runs/package)")
     p.add_argument("--model-name", default="prvr", help="TorchServe model name (default: prvr)")

@@ -43,7 +43,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_register(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     decision = register_step(args.model, args.metrics, args.dataset, cfg, args.uri, args.margin,
-                             args.endpoint_url, args.out, build_index=not args.no_index)
+                             args.endpoint_url, args.out, build_index=not args.no_index, promote=args.promote)
     print(format_decision(decision))
     return 0
 
@@ -84,6 +84,10 @@ def add_register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--margin", type=float, default=None,
                    help="SumR the candidate must beat production by (default: registry.promotion_margin)")
     p.add_argument("--no-index", action="store_true", help="register without building the search index")
+    p.add_argument("--promote", action=argparse.BooleanOptionalAction, default=True,
+                   help="promote the candidate when it beats production evaluated on the same split "
+                        "(default); --no-promote registers it without ever moving production (dvc.yaml), "
+                        "leaving promotion to `prvr registry promote --version vNNNN`")
     add_config_args(p)
     p.set_defaults(func=_cmd_register)
 
@@ -98,7 +102,8 @@ def register_cli(subparsers: Any) -> None:
     p = sub.add_parser("preprocess", help="validate a collection (or synthesize one), encode its text, "
                                           "write dataset.json")
     p.add_argument("--source", default=None,
-                   help="collection folder, or synth:<preset>[:<seed>] (default: synth:<synth.preset>:<synth.seed>)")
+                   help="collection folder, synth:<preset>[:<seed>], dvc://<repo-url>@<rev>#<path> or "
+                        "s3://<bucket>/<prefix>/<collection> (default: synth:<synth.preset>:<synth.seed>)")
     p.add_argument("--out", required=True, help="dataset folder to write (dataset.json, text features)")
     p.add_argument("--readonly-source", action="store_true",
                    help="never write into the source: put the text-feature HDF5 into --out")
@@ -106,8 +111,8 @@ def register_cli(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_preprocess)
     add_train_args(sub.add_parser("train", help="train a model into a run folder"))
     add_evaluate_args(sub.add_parser("evaluate", help="metrics JSON, plots and an HTML/Markdown report"))
-    add_register_args(sub.add_parser("register", help="promotion gate: register the model (+ index) "
-                                                      "if it beats production"))
+    add_register_args(sub.add_parser("register", help="promotion gate: register the model (+ index) and "
+                                                      "promote it if it beats production on the same split"))
     add_train_args(subparsers.add_parser(
         "train", help="train a model (= prvr stage train; resumes from OUT/last.pt)",
         description="Train MS-SL++ (or model.variant) on a collection or dataset folder."))

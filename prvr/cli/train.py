@@ -11,13 +11,15 @@ from typing import Any
 import torch.distributed as dist
 
 from prvr.cli.common import add_config_args, config_from_args
+from prvr.stages import checkpoint_sync
 from prvr.train import train
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    try:
-        result = train(config_from_args(args), args.data, args.out, resume=not args.no_resume,
-                       progress=not args.no_progress)
+    cfg = config_from_args(args)
+    try:     # rank 0 mirrors each epoch to train.checkpoint_uri when set (prvr.stages.train_step runs us)
+        result = train(cfg, args.data, args.out, resume=not args.no_resume, progress=not args.no_progress,
+                       on_epoch=checkpoint_sync(cfg, args.out))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,7 +8,9 @@ Two backends share one layout and one protocol (``prvr.registry.stores``):
 ``prvr.registry.registry.Registry`` claims version numbers with create-if-absent
 writes, writes a version's manifest only after every file is uploaded and verified,
 and moves the production pointer by compare-and-swap (the module docstring has the
-layout and why).
+layout and why). ``Registry.register_if_better`` is the promotion gate: every candidate
+becomes a version whose manifest records the decision; a ``judge`` decides what "better"
+means (``prvr.stages.register_step`` evaluates production on the candidate's own split).
 
 Usage::
 
@@ -17,7 +19,8 @@ Usage::
     path = reg.pull("prvr-mssl-pp", dest="models/current")
 """
 from prvr.checkpoint import sha256_file
-from prvr.registry.registry import _UNSET, Registry, resolve_metric  # _UNSET: promote's "not given" (prvr.cli.registry)
+# _UNSET: promote's "not given" (prvr.cli.registry)
+from prvr.registry.registry import _UNSET, Judge, Registry, compare_metric, resolve_metric
 from prvr.registry.stores import FileStore, S3Store
 
-__all__ = ["Registry", "resolve_metric", "sha256_file", "FileStore", "S3Store"]
+__all__ = ["Registry", "Judge", "resolve_metric", "compare_metric", "sha256_file", "FileStore", "S3Store"]

@@ -4,14 +4,18 @@ Layout under the store's root::
 
     models/<name>/<version>/.claim          version number taken (conditional create)
     models/<name>/<version>/<files...>      checkpoint, index files, anything given
-    models/<name>/<version>/manifest.json   written LAST: a version without it is incomplete
+    models/<name>/<version>/manifest.json   written LAST: a version without it is incomplete;
+                                            holds the promotion gate's "decision" too
     models/<name>/production.json           {"version", "previous": [...], "updated"}
 
 Why this shape: version numbers are claimed with a create-if-absent write, so two
 concurrent registrations never share a number; the manifest is written only after
 every file is uploaded and verified, so readers never see a half-written version;
 the production pointer moves by compare-and-swap (S3 ``IfMatch`` on its ETag, a
-locked read-compare-replace on disk), so concurrent promotions never lose one.
+locked read-compare-replace on disk), so concurrent promotions never lose one. The gate
+(:meth:`Registry.register_if_better`) registers every candidate; its manifest says whether
+it was promoted and why. Only the gate rewrites a manifest, and only its own version's
+``decision``, by the same compare-and-swap, once the promotion it announced is settled.
 The stores themselves live in ``prvr.registry.stores``.
 """
 from __future__ import annotations
@@ -25,13 +29,13 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from prvr.checkpoint import sha256_file
 from prvr.errors import RegistryError
 from prvr.registry.stores import FileStore, S3Store, file_hashes
 
-__all__ = ["Registry", "resolve_metric", "MANIFEST", "POINTER", "CLAIM"]
+__all__ = ["Registry", "Judge", "resolve_metric", "compare_metric", "MANIFEST", "POINTER", "CLAIM"]
 
 MANIFEST = "manifest.json"
 POINTER = "production.json"
@@ -40,6 +44,11 @@ _RESERVED = {MANIFEST, CLAIM}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 _UNSET: Any = object()
+
+Judge = Callable[[str | None], Mapping[str, Any]]
+"""The promotion gate's judge: production version (None: none yet) -> {"better": bool,
+"production": production's metric or None, "reason": str} plus "comparable": False when the
+two cannot be compared, and any further fields to record in the decision."""
 
 
 def _now() -> str:
@@ -53,6 +62,43 @@ def _git_commit() -> str | None:
         return None
     sha = out.stdout.strip()
     return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
+
+
+def compare_metric(metric_key: str, candidate: float, production_version: str | None,
+                   production: float | None, margin: float, where: str = "") -> dict[str, Any]:
+    """A judge's verdict on two numbers; ``where`` (" on the test split of this data") says
+    what both were measured on."""
+    if production_version is None:
+        return {"better": True, "production": None, "reason": "no production model yet"}
+    if production is None or math.isnan(production):
+        return {"better": False, "comparable": False, "production": None,
+                "reason": f"production {production_version} has no {metric_key!r} to compare{where}"}
+    better = candidate > production + margin
+    return {"better": better, "production": production,
+            "reason": f"{metric_key} {candidate:.3f} {'beats' if better else 'does not beat'} production "
+                      f"{production_version} ({production:.3f}){where} by more than {margin}"}
+
+
+def _verdict(verdict: Mapping[str, Any], metric_key: str, candidate: float, production_version: str | None,
+             margin: float) -> tuple[bool, dict[str, Any]]:
+    """(better, the decision record as judged: not yet registered, not yet promoted)."""
+    better = bool(verdict["better"])
+    outcome = "promoted" if better else ("not better" if verdict.get("comparable", True) else "not comparable")
+    extra = {k: v for k, v in verdict.items() if k not in ("better", "comparable", "production", "reason")}
+    return better, {"promoted": False, "outcome": outcome, "version": None, "reason": verdict["reason"],
+                    "metric_key": metric_key, "candidate": candidate, "production": verdict.get("production"),
+                    "production_version": production_version, "margin": margin, **extra, "decided": _now()}
+
+
+def _settled(decision: Mapping[str, Any], version: str, explicit: bool) -> dict[str, Any]:
+    """The record of a registered, not promoted candidate."""
+    d = {**decision, "version": version, "promoted": False}
+    if explicit:
+        d.update(outcome="held", reason=f"registered {version}, not promoted: promotion is explicit here: "
+                                        f"prvr registry promote --version {version} (gate: {decision['reason']})")
+    else:
+        d["reason"] = f"registered {version}, not promoted: {decision['reason']}"
+    return d
 
 
 def resolve_metric(metrics: Mapping[str, Any], key: str) -> float | None:
@@ -156,8 +202,10 @@ class Registry:
     # -- public API
     def register(self, name: str, files: Mapping[str, str | Path] | str | Path,
                  metrics: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
-                 data_version: str | None = None, git_commit: str | None = None) -> str:
-        """Upload a new version; returns its id ("v0001", ...). Manifest last, after verification."""
+                 data_version: str | None = None, git_commit: str | None = None, source: str | None = None,
+                 decision: Mapping[str, Any] | Callable[[str], Mapping[str, Any]] | None = None) -> str:
+        """Upload a new version; returns its id ("v0001", ...). Manifest last, after verification.
+        ``decision`` (or a function of the new version's id giving it) goes into the manifest."""
         self._check_name(name)
         local = self._collect(files)
         hashes = {rel: file_hashes(p) for rel, p in local.items()}
@@ -179,11 +227,13 @@ class Registry:
                 manifest = {
                     "name": name, "version": version,
                     "metrics": dict(metrics or {}), "params": dict(params or {}),
-                    "data_version": data_version,
+                    "data_version": data_version, "source": source,
                     "git_commit": git_commit if git_commit is not None else _git_commit(),
                     "created": _now(),
                     "files": entries,
                 }
+                if decision is not None:
+                    manifest["decision"] = dict(decision(version) if callable(decision) else decision)
                 if not self._store.put_new(f"{base}/{MANIFEST}", self._dump(manifest)):
                     raise RegistryError(f"registry {self._store.where}: {base}/{MANIFEST} already exists")
         except RegistryError:
@@ -210,14 +260,18 @@ class Registry:
         return out
 
     def list(self, name: str) -> list[dict[str, Any]]:
-        """One summary row per complete version: version, created, metrics, production flag."""
+        """One summary row per complete version: version, created, metrics, production flag,
+        the gate's decision (outcome and reason; None for versions registered without the gate)."""
         prod = self.production(name)
         rows = []
         for v in self.versions(name):
             m = self.show(name, v)
+            decision = m.get("decision") or {}
             rows.append({"version": v, "created": m.get("created"), "production": v == prod,
                          "sumr": resolve_metric(m.get("metrics", {}), "sumr"),
-                         "data_version": m.get("data_version"), "git_commit": m.get("git_commit")})
+                         "decision": decision.get("outcome"), "reason": decision.get("reason"),
+                         "data_version": m.get("data_version"), "source": m.get("source"),
+                         "git_commit": m.get("git_commit")})
         return rows
 
     def show(self, name: str, version: str | None = None) -> dict[str, Any]:
@@ -294,13 +348,20 @@ class Registry:
 
         return self._move_pointer(name, new, f"rolling back {name}")
 
-    def pull(self, name: str, version: str | None = None, dest: str | Path | None = None) -> Path:
-        """Download a version's files into ``dest`` (default ./<name>/<version>), sha256-verified."""
+    def pull(self, name: str, version: str | None = None, dest: str | Path | None = None,
+             files: Iterable[str] | None = None) -> Path:
+        """Download a version's files (or only ``files``) into ``dest`` (default ./<name>/<version>),
+        sha256-verified."""
         manifest = self.show(name, version)
         version = manifest["version"]
         dest = Path(dest) if dest is not None else Path(name) / version
         base = f"models/{name}/{version}"
-        for rel, e in manifest["files"].items():
+        wanted = manifest["files"] if files is None else list(files)
+        missing = [rel for rel in wanted if rel not in manifest["files"]]
+        if missing:
+            raise RegistryError(f"model {name!r} {version} in {self._store.where} has no {', '.join(missing)}")
+        for rel in wanted:
+            e = manifest["files"][rel]
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex}"
@@ -320,46 +381,95 @@ class Registry:
     def register_if_better(self, name: str, files: Mapping[str, str | Path] | str | Path,
                            metrics: Mapping[str, Any], params: Mapping[str, Any] | None = None,
                            metric_key: str = "sumr", margin: float = 0.0,
-                           data_version: str | None = None, git_commit: str | None = None) -> dict[str, Any]:
-        """Promotion gate: register and promote only if ``metric_key`` beats production by > margin."""
+                           data_version: str | None = None, git_commit: str | None = None,
+                           judge: Judge | None = None, promote: bool = True,
+                           source: str | None = None) -> dict[str, Any]:
+        """The promotion gate. Every candidate becomes a new version whose manifest records the
+        decision (promoted, outcome, reason, candidate and production metric, the production
+        version compared against, margin); it is promoted only when ``promote`` is set and
+        ``judge`` finds it better than production by more than ``margin``.
+
+        The default judge compares the ``metric_key`` stored with production, and only when both
+        were measured on the same ``data_version``; ``prvr.stages.register_step`` passes one that
+        evaluates production on the candidate's own split. ``promote=False`` never moves the
+        pointer (``prvr registry promote`` does). When production moves while the candidate is
+        being promoted, the candidate is judged again against the new production.
+        """
         candidate = resolve_metric(metrics, metric_key)
         if candidate is None or math.isnan(candidate):
             raise RegistryError(f"candidate metrics have no numeric {metric_key!r} "
                                 f"(keys: {sorted(metrics)})")
+        judge = judge or self._stored_judge(name, metric_key, candidate, margin, data_version)
+        prod_version = self.production(name)
+        better, decision = _verdict(judge(prod_version), metric_key, candidate, prod_version, margin)
+        go = promote and better
 
-        def judge(prod_version: str | None) -> tuple[bool, float | None, str]:
+        def record(version: str) -> dict[str, Any]:
+            if not go:
+                return _settled(decision, version, explicit=not promote)
+            return {**decision, "version": version, "outcome": "pending",
+                    "reason": f"registered {version}, being promoted: {decision['reason']}"}
+
+        version = self.register(name, files, metrics, params, data_version, git_commit, source, decision=record)
+        if not go:
+            return record(version)
+        final = self._promote_candidate(name, version, decision, prod_version, judge)
+        warning = self._record_decision(name, version, final)
+        return {**final, "warning": warning} if warning else final
+
+    def _stored_judge(self, name: str, metric_key: str, candidate: float, margin: float,
+                      data_version: str | None) -> Judge:
+        """Production's stored metric, comparable only when measured on the same data version."""
+        def judge(prod_version: str | None) -> dict[str, Any]:
             if prod_version is None:
-                return True, None, "no production model yet"
-            prod = resolve_metric(self.show(name, prod_version).get("metrics", {}), metric_key)
+                return compare_metric(metric_key, candidate, None, None, margin)
+            manifest = self.show(name, prod_version)
+            if manifest.get("data_version") != data_version:
+                return {"better": False, "comparable": False, "production": None,
+                        "reason": f"production {prod_version}'s stored {metric_key} was measured on other data "
+                                  f"({manifest.get('data_version')}; this candidate: {data_version})"}
+            prod = resolve_metric(manifest.get("metrics", {}), metric_key)
             if prod is None:
                 raise RegistryError(f"production {name} {prod_version} has no {metric_key!r} metric to compare")
-            if candidate > prod + margin:
-                return True, prod, f"{metric_key} {candidate:.3f} beats production {prod_version} " \
-                                   f"({prod:.3f}) by more than {margin}"
-            return False, prod, f"{metric_key} {candidate:.3f} does not beat production {prod_version} " \
-                                f"({prod:.3f}) by more than {margin}"
+            return compare_metric(metric_key, candidate, prod_version, prod, margin)
+        return judge
 
-        prod_version = self.production(name)
-        better, prod, reason = judge(prod_version)
-        decision = {"promoted": False, "version": None, "reason": reason, "metric_key": metric_key,
-                    "candidate": candidate, "production": prod, "production_version": prod_version}
-        if not better:
-            return decision
-        version = self.register(name, files, metrics, params, data_version, git_commit)
-        decision["version"] = version
+    def _promote_candidate(self, name: str, version: str, decision: dict[str, Any], prod_version: str | None,
+                           judge: Judge) -> dict[str, Any]:
+        """Move the pointer from ``prod_version`` to ``version`` by CAS; when production moved
+        meanwhile, judge again against the new one. Returns the final decision."""
         while True:
             try:
                 self.promote(name, version, expected_current=prod_version)
-            except RegistryError:
+            except RegistryError as exc:
                 now = self.production(name)
-                if now == prod_version:
-                    raise  # not a stale expectation: a real failure
-                prod_version = now  # production moved meanwhile: judge again against it
-                better, prod, reason = judge(prod_version)
-                decision.update(production=prod, production_version=prod_version, reason=reason)
+                if now == prod_version:  # not a stale expectation: a real failure
+                    self._record_decision(name, version, {**decision, "version": version, "outcome": "failed",
+                                                          "reason": f"registered {version}, promotion failed: {exc}"})
+                    raise
+                prod_version = now
+                better, decision = _verdict(judge(now), decision["metric_key"], decision["candidate"], now,
+                                            decision["margin"])
                 if not better:
-                    decision["reason"] = f"registered {version}, not promoted: {reason}"
-                    return decision
+                    return _settled(decision, version, explicit=False)
                 continue
-            decision.update(promoted=True, reason=f"promoted {version}: {reason}")
-            return decision
+            return {**decision, "version": version, "promoted": True, "outcome": "promoted",
+                    "reason": f"promoted {version}: {decision['reason']}"}
+
+    def _record_decision(self, name: str, version: str, decision: Mapping[str, Any]) -> str | None:
+        """Replace the ``decision`` in ``version``'s manifest (compare-and-swap on the manifest);
+        returns a warning instead of raising, since the pointer already says what happened."""
+        key = f"models/{name}/{version}/{MANIFEST}"
+        try:
+            with self._store.errors(f"recording the decision of {name} {version}"):
+                for _ in range(10):
+                    got = self._read_json(key)
+                    if got is None:
+                        raise RegistryError(f"{key} disappeared")
+                    manifest, token = got
+                    manifest["decision"] = dict(decision)
+                    if self._store.put_if(key, self._dump(manifest), token):
+                        return None
+                raise RegistryError(f"{key} kept changing")
+        except RegistryError as exc:
+            return f"the decision was not recorded in {version}'s manifest: {exc}"

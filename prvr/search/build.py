@@ -51,11 +51,12 @@ def build_index_from_embeddings(emb: Any, num_frames: np.ndarray | torch.Tensor,
                                 out_dir: str | Path, *, model_version: str, map_size: int,
                                 alpha: float, dtype: str = "float32", fps: float | None = None,
                                 checkpoint_sha256: str | None = None, text_encoder: str | None = None,
-                                ann: SearchConfig | None = None) -> Path:
+                                ann: SearchConfig | None = None, meta: dict[str, Any] | None = None) -> Path:
     """Write an index from `VideoEmbeddings` (clips/attended (N,K,H), unit spans (N,K,2)).
 
     Vectors are L2-normalised in fp32 before the cast to `dtype`; unit spans become
-    frame spans. `ann` (a SearchConfig) also builds the faiss index inside."""
+    frame spans. `ann` (a SearchConfig) also builds the faiss index inside; `meta` adds
+    entries to the manifest (e.g. corpus, corpus_size, data_version)."""
     if dtype not in DTYPES:
         raise SearchIndexError(f"search.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     nf = np.asarray(num_frames, dtype=np.int64)
@@ -68,10 +69,9 @@ def build_index_from_embeddings(emb: Any, num_frames: np.ndarray | torch.Tensor,
         np.save(tmp / "spans.npy", units_to_frames_int32(np.asarray(emb.spans), nf, map_size))
         np.save(tmp / "num_frames.npy", nf.astype(np.int32))
         (tmp / "video_ids.json").write_text(json.dumps(list(video_ids)))
-        meta = {"model_version": model_version, "checkpoint_sha256": checkpoint_sha256,
-                "text_encoder": text_encoder, "map_size": map_size, "alpha": alpha, "fps": fps,
-                "ann": None}
-        write_manifest(tmp, meta)
+        write_manifest(tmp, {**(meta or {}), "model_version": model_version,
+                             "checkpoint_sha256": checkpoint_sha256, "text_encoder": text_encoder,
+                             "map_size": map_size, "alpha": alpha, "fps": fps, "ann": None})
         if ann is not None:
             build_faiss_into(tmp, ann)
     return out_dir

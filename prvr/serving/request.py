@@ -6,6 +6,9 @@ Request (``Content-Type: application/json``)::
     {"token_features": [[...Dt floats...], ...]}         # L x Dt, or a list of those
     optional: "top_k" (1..serve.max_top_k), "alpha" (0..1)
 
+A model without a text encoder (trained on precomputed features) takes token features only;
+typed text then gets a 422 saying why.
+
 ``parse_request`` turns one raw ``Request`` into a validated ``Query`` or raises
 ``RequestError`` (status 4xx) naming the problem; ``error_answer`` turns an exception
 into the ``Answer`` of that one request. Nothing here knows about TorchServe.
@@ -122,8 +125,11 @@ def _check_number(body: dict, key: str, default: Any, lo: float, hi: float, inte
 
 
 def parse_request(req: Request, cfg: ServeConfig, text_dim: int, default_alpha: float,
-                  features_only: bool = False) -> Query:
-    """Validate one request; raises RequestError (status 4xx) naming the problem."""
+                  features_only: bool = False, refusal: str | None = None) -> Query:
+    """Validate one request; raises RequestError (status 4xx) naming the problem.
+
+    ``features_only``: the model has no text encoder, so typed text is refused (422) with
+    ``refusal`` as the message when given (why, and what to do instead)."""
     body = _decode_body(req.body, req.content_type)
     unknown = sorted(set(body) - _ALLOWED_KEYS)
     if unknown:
@@ -140,7 +146,8 @@ def parse_request(req: Request, cfg: ServeConfig, text_dim: int, default_alpha: 
     if given[0] == "token_features":
         return Query(None, _check_features(body["token_features"], text_dim, cfg), top_k, alpha)
     if features_only:
-        raise RequestError("this model serves 'token_features' only: its text encoder is not available")
+        raise RequestError(refusal or "this model serves 'token_features' only: its text encoder is not "
+                           "available", status=422)
     if given[0] == "query":
         return Query([_check_text(body["query"], "query", cfg)], None, top_k, alpha)
     queries = body["queries"]

@@ -1,13 +1,15 @@
 """The online retriever: checkpoint + text encoder + video index, answering batches.
 
 ``Retriever`` holds the checkpoint (``load_model``), the text encoder the model was
-trained with and the precomputed video index (``prvr.search``). ``answer(requests)``
+trained with (none for a model trained on precomputed HDF5 text features: it answers
+token features, and typed text with a 422 saying how to retrain for it) and the
+precomputed video index (``prvr.search``). ``answer(requests)``
 turns a batch of raw requests into one response per request: valid ones are encoded
 and scored together, a bad one gets its own 4xx and never fails the rest.
 
 Response::
 
-    {"model_version": "v0003", "corpus_size": 2179, "top_k": 10, "alpha": 0.7,
+    {"model_version": "v0003", "corpus_size": 2179, "data_version": "md5:...", "top_k": 10, "alpha": 0.7,
      "results": [{"query": "...", "videos": [{"video_id", "score", "clip_score",
                   "frame_score", "moment": {"start", "end", "unit"}}, ...]}]}
 
@@ -27,7 +29,7 @@ import torch
 
 from prvr.checkpoint import sha256_file
 from prvr.config import Config, SearchConfig, ServeConfig
-from prvr.encoding import check_text_encoder, load_model
+from prvr.encoding import check_text_encoder, is_precomputed, load_model, precomputed_message
 from prvr.errors import CheckpointError, RequestError, SearchIndexError
 from prvr.registry import Registry
 from prvr.search import VideoIndex, make_engine
@@ -89,6 +91,10 @@ class Retriever:
         self.corpus_size = len(self.video_ids)
         self.text_dim = cfg.model.text_dim
         self.default_alpha = cfg.model.alpha
+        self.data_version = (index.manifest or {}).get("data_version")
+        # why typed text is refused when there is no encoder (None: the generic reason)
+        self.refusal = precomputed_message(text_encoder, self.text_dim) \
+            if encoder is None and is_precomputed(text_encoder) else None
         self.last_timings: dict[str, float] = {}
 
     # -- loading -------------------------------------------------------------
@@ -96,22 +102,29 @@ class Retriever:
     def load(cls, checkpoint: str | Path, index_dir: str | Path, version: str | None = None,
              serve_cfg: ServeConfig | None = None, search_cfg: SearchConfig | None = None,
              encoder: Any = None, load_encoder: bool = True) -> "Retriever":
-        """Load the model and its index; refuse an index or text encoder built for another model."""
+        """Load the model and its index; refuse an index or text encoder built for another model.
+
+        A model trained on precomputed HDF5 text features (text encoder ``hdf5:<file>``) has no
+        encoder to load: it is served without one (token features only)."""
         model, cfg, ckpt = load_model(checkpoint, "cpu")
         index = VideoIndex.load(index_dir)
         manifest = dict(index.manifest or {})
         check_index(manifest, index_dir, checkpoint, ckpt, version)
         version = version or manifest.get("model_version") or "unversioned"
-        trained_with = ckpt.get("text_encoder")
-        if encoder is None and load_encoder:
+        trained_with = ckpt.get("text_encoder") or manifest.get("text_encoder")
+        if is_precomputed(trained_with):
+            logger.warning("model %s was trained on precomputed text features (%s): serving token "
+                           "features only; typed queries are refused", version, trained_with)
+            encoder = None
+        elif encoder is None and load_encoder:
             encoder = TextEncoder.from_config(cfg)
         if encoder is not None:
-            check_text_encoder(encoder, trained_with or manifest.get("text_encoder"), cfg.model.text_dim)
+            check_text_encoder(encoder, trained_with, cfg.model.text_dim)
         serve_cfg = serve_cfg or cfg.serve        # default: the settings the checkpoint carries
         engine = make_engine(index, search_cfg or cfg.search)
         fps = manifest.get("fps") or serve_cfg.fps
-        retriever = cls(model, cfg, engine, index, encoder, serve_cfg, version,
-                        trained_with or manifest.get("text_encoder"), float(fps) if fps else None)
+        retriever = cls(model, cfg, engine, index, encoder, serve_cfg, version, trained_with,
+                        float(fps) if fps else None)
         retriever.warmup()
         return retriever
 
@@ -146,7 +159,7 @@ class Retriever:
     # -- answering -----------------------------------------------------------
     def parse(self, req: Request) -> Query:
         return parse_request(req, self.serve_cfg, self.text_dim, self.default_alpha,
-                             features_only=self.encoder is None)
+                             features_only=self.encoder is None, refusal=self.refusal)
 
     @torch.inference_mode()
     def encode(self, queries: Sequence[Query]) -> torch.Tensor:
@@ -182,7 +195,8 @@ class Retriever:
                                     "videos": self._videos(*row)})
                 pos += q.count
                 bodies[i] = {"model_version": self.model_version, "corpus_size": self.corpus_size,
-                             "top_k": kq, "alpha": alpha, "results": results}
+                             "data_version": self.data_version, "top_k": kq, "alpha": alpha,
+                             "results": results}
         return bodies
 
     def _videos(self, vidx, fused, clip, frame, key) -> list[dict[str, Any]]:
