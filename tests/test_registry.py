@@ -49,6 +49,11 @@ class Backend:
         else:
             (self.root / key).write_bytes(data)
 
+    def read(self, key: str) -> bytes:
+        if self.moto:
+            return self.moto.client().get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+        return (self.root / key).read_bytes()
+
     def fail_after_first_upload(self, reg: Registry) -> None:
         """S3: stop the server once the first file is stored. file: the disk fills up."""
         store = reg._store
@@ -159,6 +164,20 @@ def test_corrupted_file_is_refused_on_pull(backend, tmp_path):
     with pytest.raises(RegistryError, match="model.pt is corrupted"):
         reg.pull(NAME, v, dest=dest)
     assert not (dest / "model.pt").exists()
+
+
+@pytest.mark.parametrize("evil", ["../outside.txt", "/tmp/abs.txt", "index/../../x", "a//b", "manifest.json"])
+def test_tampered_manifest_paths_are_refused_before_anything_is_written(backend, tmp_path, evil):
+    reg = backend.registry()
+    v = reg.register(NAME, make_model(tmp_path), metrics(1.0), {})
+    key = f"models/{NAME}/{v}/manifest.json"
+    manifest = json.loads(backend.read(key))
+    manifest["files"][evil] = dict(manifest["files"]["model.pt"])
+    backend.overwrite(key, json.dumps(manifest).encode())
+    dest = tmp_path / "deep" / "pulled"
+    with pytest.raises(RegistryError, match="not a clean relative path"):
+        reg.pull(NAME, v, dest=dest)
+    assert not dest.exists() and not (tmp_path / "deep" / "outside.txt").exists()
 
 
 def test_upload_verification_catches_a_bad_store(backend, tmp_path):

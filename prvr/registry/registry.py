@@ -182,9 +182,7 @@ class Registry:
         if not out:
             raise RegistryError("no files to register")
         for rel in out:
-            parts = rel.split("/")
-            if rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or rel in _RESERVED:
-                raise RegistryError(f"file name {rel!r} is not a clean relative path (or is reserved)")
+            _check_relative(rel, "file name")
         return out
 
     def _claim_version(self, name: str) -> str:
@@ -360,6 +358,8 @@ class Registry:
         missing = [rel for rel in wanted if rel not in manifest["files"]]
         if missing:
             raise RegistryError(f"model {name!r} {version} in {self._store.where} has no {', '.join(missing)}")
+        for rel in manifest["files"]:        # a tampered manifest must not write outside dest
+            _check_relative(rel, f"model {name!r} {version} in {self._store.where}: manifest entry")
         for rel in wanted:
             e = manifest["files"][rel]
             target = dest / rel
@@ -473,3 +473,12 @@ class Registry:
                 raise RegistryError(f"{key} kept changing")
         except RegistryError as exc:
             return f"the decision was not recorded in {version}'s manifest: {exc}"
+
+
+def _check_relative(rel: Any, what: str) -> None:
+    """A registry file key: a relative, normalised path inside its version folder, not reserved."""
+    parts = rel.split("/") if isinstance(rel, str) else [""]
+    if not isinstance(rel, str) or rel.startswith("/") or "\\" in rel or rel in _RESERVED \
+            or any(p in ("", ".", "..") for p in parts):
+        raise RegistryError(f"{what} {rel!r} is not a clean relative path inside the version folder "
+                            "(or is reserved)")
