@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from prvr.errors import RegistryError
-from prvr.registry.stores import FileStore, S3Store, file_hashes
+from prvr.registry.stores import FileStore, S3Store, file_hashes, open_store
 
 __all__ = ["Mirror"]
 
@@ -29,16 +29,9 @@ class Mirror:
     """Named files of one local folder, copied to and from ``uri``."""
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
-        if uri.startswith("s3://"):
-            bucket, _, prefix = uri[len("s3://"):].partition("/")
-            prefix = prefix.strip("/")
-            if not bucket:
-                raise RegistryError(f"{uri!r} names no bucket (expected s3://BUCKET/PREFIX)")
-            self.store: FileStore | S3Store = S3Store(bucket, prefix + "/" if prefix else "", endpoint_url)
-        elif Path(uri).is_absolute():
-            self.store = FileStore(Path(uri))
-        else:
+        if not (uri.startswith("s3://") or Path(uri).is_absolute()):
             raise RegistryError(f"{uri!r}: expected s3://BUCKET/PREFIX or an absolute folder path")
+        self.store: FileStore | S3Store = open_store(uri, endpoint_url, "train.checkpoint_uri")
         self.uri = uri
 
     def pull(self, folder: Path, names: Iterable[str]) -> bool:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from prvr.checkpoint import sha256_file
 from prvr.errors import RegistryError
-from prvr.registry.stores import FileStore, S3Store, file_hashes
+from prvr.registry.stores import FileStore, S3Store, file_hashes, open_store
 
 __all__ = ["Registry", "Judge", "resolve_metric", "compare_metric", "MANIFEST", "POINTER", "CLAIM"]
 
@@ -122,19 +122,7 @@ class Registry:
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
         self.uri = uri
-        if uri.startswith("s3://"):
-            bucket, _, prefix = uri[5:].partition("/")
-            if not bucket:
-                raise RegistryError(f"registry URI {uri!r} names no bucket (expected s3://BUCKET/PREFIX)")
-            prefix = prefix.strip("/")
-            self._store: FileStore | S3Store = S3Store(bucket, prefix + "/" if prefix else "", endpoint_url)
-        elif uri.startswith("file://") or "://" not in uri:
-            root = uri[len("file://"):] if uri.startswith("file://") else uri
-            if not root:
-                raise RegistryError(f"registry URI {uri!r} names no folder (expected file://PATH)")
-            self._store = FileStore(Path(root).expanduser())
-        else:
-            raise RegistryError(f"registry URI {uri!r}: scheme must be file:// or s3://")
+        self._store: FileStore | S3Store = open_store(uri, endpoint_url, "registry URI")
 
     # -- helpers
     @staticmethod

@@ -265,6 +265,22 @@ class S3Store:
         return f"{code or 'error'}: {exc}"
 
 
+def open_store(uri: str, endpoint_url: str | None, what: str) -> FileStore | S3Store:
+    """The store ``uri`` names: ``s3://BUCKET[/PREFIX]``, ``file://PATH`` or a plain folder path."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        if not bucket:
+            raise RegistryError(f"{what} {uri!r} names no bucket (expected s3://BUCKET/PREFIX)")
+        prefix = prefix.strip("/")
+        return S3Store(bucket, prefix + "/" if prefix else "", endpoint_url)
+    if uri.startswith("file://") or "://" not in uri:
+        root = uri[len("file://"):] if uri.startswith("file://") else uri
+        if not root:
+            raise RegistryError(f"{what} {uri!r} names no folder (expected file://PATH)")
+        return FileStore(Path(root).expanduser())
+    raise RegistryError(f"{what} {uri!r}: scheme must be file:// or s3://")
+
+
 @contextlib.contextmanager
 def _errors(where: str, what: str, explain: Callable[[Exception], str] = str) -> Iterator[None]:
     """Any store failure inside as one RegistryError naming the registry and the operation."""
