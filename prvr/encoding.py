@@ -30,8 +30,8 @@ from prvr.text import TextEncoder, encoder_identifier
 from prvr.views import VideoBatch, collate_queries, collate_videos, video_views
 
 __all__ = ["load_model", "TextSource", "VideoSource", "encode_corpus", "encode_query_texts",
-           "check_compatible", "check_text_encoder", "QueryEncoder", "hdf5_encoder_name", "is_precomputed",
-           "precomputed_message", "PRECOMPUTED_PREFIX"]
+           "encode_token_features", "check_compatible", "check_text_encoder", "QueryEncoder",
+           "hdf5_encoder_name", "is_precomputed", "precomputed_message", "PRECOMPUTED_PREFIX"]
 
 CACHE_LIMIT_BYTES = 2 << 30
 PRECOMPUTED_PREFIX = "hdf5:"      # the text encoder of a model trained on precomputed HDF5 features
@@ -143,14 +143,19 @@ def encode_corpus(model: PRVRModel, videos: VideoSource, video_ids: list[str],
 
 
 @torch.no_grad()
+def encode_token_features(model: PRVRModel, feats: Sequence[np.ndarray],
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """Token features, one (L_i, Dt) array per query -> float32 query vectors (Q, H) on the CPU:
+    the one query path of evaluation, serving and `prvr index search`."""
+    tokens, mask = collate_queries(list(feats), model.cfg.max_desc_len)
+    return model.encode_queries(tokens.to(device), mask.to(device)).float().cpu()
+
+
 def encode_query_texts(model: PRVRModel, texts: TextSource, cap_ids: list[str],
                        device: torch.device, batch_size: int = 512) -> torch.Tensor:
     """Query vectors (Q, H) of captions by id, in batches."""
-    out = []
-    for i in range(0, len(cap_ids), batch_size):
-        tokens, mask = collate_queries(texts.get(cap_ids[i:i + batch_size]), model.cfg.max_desc_len)
-        out.append(model.encode_queries(tokens.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
+    return torch.cat([encode_token_features(model, texts.get(cap_ids[i:i + batch_size]), device)
+                      for i in range(0, len(cap_ids), batch_size)])
 
 
 def check_compatible(ckpt: dict, collection: Collection, texts: TextSource) -> None:
@@ -196,8 +201,7 @@ class QueryEncoder:
     @torch.inference_mode()
     def encode_features(self, feats: Sequence[np.ndarray]) -> torch.Tensor:
         """Token features, one (L_i, Dt) array per query -> query vectors (Q, H)."""
-        tokens, mask = collate_queries(list(feats), self.model.cfg.max_desc_len)
-        return self.model.encode_queries(tokens, mask)
+        return encode_token_features(self.model, feats)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Sentences -> query vectors (Q, H)."""

@@ -29,13 +29,13 @@ import torch
 
 from prvr.checkpoint import sha256_file
 from prvr.config import Config, SearchConfig, ServeConfig
-from prvr.encoding import check_text_encoder, is_precomputed, load_model, precomputed_message
+from prvr.encoding import (check_text_encoder, encode_token_features, is_precomputed, load_model,
+                           precomputed_message)
 from prvr.errors import CheckpointError, RequestError, SearchIndexError
 from prvr.registry import Registry
 from prvr.search import VideoIndex, make_engine
 from prvr.serving.request import Answer, Query, Request, error_answer, parse_request
 from prvr.text import TextEncoder
-from prvr.views import collate_queries
 
 __all__ = ["Retriever", "check_index", "load_serve_manifest", "SERVE_MANIFEST", "INDEX_DIR", "CHECKPOINT"]
 
@@ -170,8 +170,7 @@ class Retriever:
         for q in queries:
             q.vectors = list(range(len(feats), len(feats) + q.count))
             feats += [next(text_feats) for _ in q.texts] if q.texts is not None else q.features
-        tokens, mask = collate_queries(feats, self.cfg.model.max_desc_len)
-        return self.model.encode_queries(tokens, mask).float()
+        return encode_token_features(self.model, feats)
 
     def search(self, vectors: torch.Tensor, queries: Sequence[Query]) -> list[dict[str, Any]]:
         """Rank the corpus for each request (one engine call per distinct alpha)."""
