@@ -113,8 +113,12 @@ ENV LOG_LOCATION=/app/logs \
 
 # inference, management, metrics
 EXPOSE 8080 8081 8082
-# serving/config.properties binds to 127.0.0.1; in a pod, inference and metrics must be
-# reachable from the Service and Prometheus, management stays on the loopback.
-CMD ["prvr", "serve", "--foreground", "--workdir", "/app/run", "--model-store", "model_store", \
-     "--ts-set", "inference_address=http://0.0.0.0:8080", \
-     "--ts-set", "metrics_address=http://0.0.0.0:8082"]
+# No model is baked in: `prvr serve-registry` pulls the production version named by
+# PRVR_REGISTRY_URI (PRVR_REGISTRY_VERSION for another; S3 credentials from AWS_*), builds its
+# archive and runs TorchServe in the foreground (SIGTERM stops it cleanly). serving/config.properties
+# binds to 127.0.0.1; here inference and metrics listen on every interface, management stays on
+# the loopback. deploy/base/deployment.yaml runs the same command behind its auth proxy.
+# `prvr serve-kserve` serves the same model on KServe's model server (deploy/kserve).
+CMD ["prvr", "serve-registry", "--workdir=/app/run", "--model-store=/app/model_store", \
+     "--ts-set=inference_address=http://0.0.0.0:8080", \
+     "--ts-set=metrics_address=http://0.0.0.0:8082"]

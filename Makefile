@@ -3,6 +3,7 @@
 #   make test    install (once), check the import layers and run the whole test suite
 #   make demo    end-to-end demo on synthetic data
 #   make serve   start TorchServe with the registered production model
+#   make ui      the search page (http://127.0.0.1:8000/) in front of TorchServe with that model
 #   make lint    hadolint the Dockerfile
 #   make lock    rewrite requirements.lock from the current .venv (after changing a pin)
 #   make clean   remove the venv and caches
@@ -17,7 +18,7 @@ STAMP  := $(VENV)/.install.stamp
 TORCH  := torch==2.13.0
 PIP    := $(BIN)/python -m pip
 
-.PHONY: install demo test serve lint lock clean
+.PHONY: install demo test serve ui lint lock clean
 
 install: $(STAMP)
 
@@ -45,6 +46,13 @@ test: $(STAMP)
 serve: $(STAMP)
 	mar=$$($(BIN)/prvr package --out model_store) && \
 	$(BIN)/prvr serve --model-store model_store --mar "$$mar" --foreground
+
+# Package the production model as for `make serve`, start TorchServe from runs/serve, and serve the
+# search page on 127.0.0.1:8000 in front of it (`prvr ui --help`: --host/--port, or --url and
+# --key-file for a TorchServe started elsewhere). Ctrl-C stops the page and TorchServe.
+ui: $(STAMP)
+	mar=$$($(BIN)/prvr package --out model_store) && \
+	$(BIN)/prvr ui --serve "$$mar"
 
 lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile

@@ -3,7 +3,8 @@
 Trains ms-sl++, ms-sl and the mean-pool baseline with the same params.yaml (plus
 --set overrides), evaluates each on the test split and prints fused SumR overall
 and per moment-to-video (M/V) ratio bin. With --readme the table replaces the
-block between the result markers of README.md for that collection.
+block between the result markers of README.md for that collection, from the result file
+results/quality-<collection>.json this script writes (benchmarks/results.py).
 
     python benchmarks/quality.py --data data/small --out runs/quality --readme README.md
 """
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
+import results as result_files
 from prvr.config import load_config
 from prvr.evaluate import evaluate
 from prvr.train import train
@@ -53,15 +54,6 @@ def table(results: dict[str, dict], title: str) -> str:
     return "\n".join(rows)
 
 
-def write_readme(readme: Path, key: str, text: str) -> None:
-    start, end = f"<!-- results:{key}:start -->", f"<!-- results:{key}:end -->"
-    body = readme.read_text()
-    block = f"{start}\n{text}\n{end}"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    body = pattern.sub(lambda _: block, body) if pattern.search(body) else body + "\n" + block + "\n"
-    readme.write_text(body)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", required=True, help="collection folder ROOT/COLL")
@@ -71,17 +63,20 @@ def main() -> None:
     p.add_argument("--readme", default=None, help="README.md whose result block to rewrite")
     args = p.parse_args()
     out = Path(args.out)
-    results = run(Path(args.data), out, args.variants.split(","), args.overrides)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    text = table(results, f"{Path(args.data).name} ({', '.join(args.overrides) or 'params.yaml'})")
+    results_json = run(Path(args.data), out, args.variants.split(","), args.overrides)
+    (out / "results.json").write_text(json.dumps(results_json, indent=2))
+    text = table(results_json, f"{Path(args.data).name} ({', '.join(args.overrides) or 'params.yaml'})")
     print(text)
     try:
         from prvr.plots import plot_variants
-        plot_variants({v: r["test"] for v, r in results.items()}, out / "mv_bins_by_variant.png")
+        plot_variants({v: r["test"] for v, r in results_json.items()}, out / "mv_bins_by_variant.png")
     except ImportError:
         pass
+    name = f"quality-{Path(args.data).name}"
+    print(f"wrote {result_files.write(name, results_json, text)}")
     if args.readme:
-        write_readme(Path(args.readme), Path(args.data).name, text)
+        readme = Path(args.readme)
+        readme.write_text(result_files.update(readme.read_text()))
 
 
 if __name__ == "__main__":

@@ -145,40 +145,45 @@ def in_process(retriever, n: int) -> dict:
 
 
 def worker_means(ts) -> dict:
-    """Mean seconds per request inside the worker, from prvr's histograms on TorchServe's
-    /metrics: where REST time goes that the in-process split does not show."""
+    """Mean ms per request inside the worker, from prvr's histograms on TorchServe's
+    /metrics (recorded in deciseconds): where REST time goes that the in-process split does not show."""
     import requests
 
     sums: dict[str, list[float]] = {}
     for line in requests.get(f"{ts.metrics_url}/metrics", timeout=10).text.splitlines():
-        for name in ("prvr_request_latency_seconds", "prvr_stage_seconds"):
+        for name in ("prvr_request_latency_deciseconds", "prvr_stage_deciseconds"):
             for part in ("_sum", "_count"):
                 if line.startswith(name + part):
                     stage = line.split('stage="')[1].split('"')[0] if "stage=" in line else "handler"
                     sums.setdefault(stage, [0.0, 0.0])[part == "_count"] += float(line.rsplit(" ", 1)[1])
-    return {f"{stage}_ms": 1e3 * s / c for stage, (s, c) in sums.items() if c}
+    return {f"{stage}_ms": 100 * s / c for stage, (s, c) in sums.items() if c}
 
 
 def rest(ts, n: int, clients: int, per_client: int) -> dict:
-    import requests
+    from prvr.client import ApiError, Client
 
+    key = ts.keys()["inference"]
     lat, stages = [], {}
-    with requests.Session() as s:
+    # retries=0: a refused request must count as an error here, not be hidden by a retry
+    with Client(ts.inference_url, key=key, retries=0) as api:
         for i in range(n + 5):
-            t = time.perf_counter()
-            r = ts.infer({"query": QUERIES[i % len(QUERIES)] + f" {i}", "top_k": 10}, session=s)
+            answer = api.search(QUERIES[i % len(QUERIES)] + f" {i}", top_k=10)
             if i >= 5:
-                lat.append(time.perf_counter() - t)
-                for part in r.headers["Server-Timing"].split(", "):    # the worker's own stage times
-                    stage, dur = part.split(";dur=")
-                    stages.setdefault(stage, []).append(float(dur))
-            assert r.status_code == 200, r.text
+                lat.append(answer.timing.round_trip_ms / 1e3)
+                for stage, dur in answer.timing.stages_ms.items():    # the worker's own (Server-Timing)
+                    stages.setdefault(stage, []).append(dur)
     inside = worker_means(ts)
 
     def client(c: int) -> list[int]:
-        with requests.Session() as s:
-            return [ts.infer({"query": QUERIES[j % len(QUERIES)] + f" {c}", "top_k": 10}, session=s).status_code
-                    for j in range(per_client)]
+        codes = []
+        with Client(ts.inference_url, key=key, retries=0) as api:
+            for j in range(per_client):
+                try:
+                    api.search(QUERIES[j % len(QUERIES)] + f" {c}", top_k=10)
+                    codes.append(200)
+                except ApiError as exc:
+                    codes.append(exc.status or 0)
+        return codes
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -231,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     from prvr.serving import Retriever
     from prvr.text import TextEncoder
 
-    encoder = TextEncoder("minilm", cfg.model.max_desc_len, args.text_precision)
+    encoder = TextEncoder("minilm", cfg.model.max_desc_len, args.text_precision, runtime=cfg.text.runtime,
+                          quantize=cfg.text.quantize)
     with tempfile.TemporaryDirectory(prefix="prvr-serve-bench-") as tmp:
         tmp = Path(tmp)
         ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(tmp / "model.pt", encoder.dim, encoder.name,

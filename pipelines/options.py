@@ -23,6 +23,8 @@ option                                      tasks        compiled YAML
                                                          ``KEY:EFFECT`` = operator Exists)
 ``--train-retries N`` (default 2),          train        root.dag.tasks.train.retryPolicy
 ``--retry-backoff DURATION`` (default 60s)
+``--pushgateway URL``                       all          container.env PRVR_PUSHGATEWAY (stages push
+                                                         their run metrics and last-success time)
 ==========================================  ===========  =========================================
 
 Environment defaults (read at compile time): ``PRVR_IMAGE`` (every component's image,
@@ -41,6 +43,7 @@ from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
 from components.common import CUDA_IMAGE, DEFAULT_IMAGE, GPU_RESOURCE, IMAGE
+from prvr.monitoring import GATEWAY_ENV
 
 __all__ = ["TASKS", "S3_SECRET_KEYS", "Resources", "ClusterOptions", "parse", "apply", "is_default",
            "DEFAULT_RETRIES", "DEFAULT_BACKOFF"]
@@ -53,6 +56,7 @@ DEFAULT_RETRIES = 2
 DEFAULT_BACKOFF = "60s"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")               # DNS-1123 (PVC, Secret)
 _DURATION = re.compile(r"^[0-9]+(\.[0-9]+)?s$")
+_GATEWAY = re.compile(r"^(https?://)?[A-Za-z0-9.-]+(:[0-9]{1,5})?/?$")   # host[:port] or a URL
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class ClusterOptions:
     resources: Mapping[str, Resources] = field(default_factory=dict)
     train_retries: int = DEFAULT_RETRIES
     retry_backoff: str = DEFAULT_BACKOFF
+    pushgateway: str | None = None                            # PRVR_PUSHGATEWAY of every task
 
     @property
     def image_for_train(self) -> str:
@@ -129,7 +134,7 @@ def _count(value: int | str | None, default: int, what: str) -> int:
 def parse(pvc: list[str] = (), s3_secret: str | None = None, gpus: int | None = None,
           train_image: str | None = None, node_selector: list[str] = (), toleration: list[str] = (),
           resources: list[str] = (), train_retries: int | None = None, retry_backoff: str | None = None,
-          environ: Mapping[str, str] = os.environ) -> ClusterOptions:
+          pushgateway: str | None = None, environ: Mapping[str, str] = os.environ) -> ClusterOptions:
     """Options from command-line strings; None takes the environment's or the built-in default.
     Raises ValueError naming the option and the value."""
     if s3_secret is not None and not _NAME.match(s3_secret):
@@ -137,6 +142,8 @@ def parse(pvc: list[str] = (), s3_secret: str | None = None, gpus: int | None = 
     backoff = retry_backoff or DEFAULT_BACKOFF
     if not _DURATION.match(backoff):
         raise ValueError(f"--retry-backoff {backoff!r}: expected seconds like 60s")
+    if pushgateway is not None and not _GATEWAY.match(pushgateway):
+        raise ValueError(f"--pushgateway {pushgateway!r}: expected HOST:PORT or http(s)://HOST:PORT")
     by_task = dict(_resources(r) for r in resources)
     if len(by_task) != len(resources):
         raise ValueError("--resources: give each task once")
@@ -146,7 +153,8 @@ def parse(pvc: list[str] = (), s3_secret: str | None = None, gpus: int | None = 
         train_image=train_image or environ.get("PRVR_TRAIN_IMAGE") or None,
         node_selectors=tuple(_key_value(s, "--node-selector") for s in node_selector),
         tolerations=tuple(_toleration(t) for t in toleration), resources=by_task,
-        train_retries=_count(train_retries, DEFAULT_RETRIES, "--train-retries"), retry_backoff=backoff)
+        train_retries=_count(train_retries, DEFAULT_RETRIES, "--train-retries"), retry_backoff=backoff,
+        pushgateway=pushgateway)
 
 
 def is_default(opts: ClusterOptions) -> bool:
@@ -163,6 +171,8 @@ def _apply_everywhere(task: PipelineTask, name: str, opts: ClusterOptions) -> No
                                      secret_key_to_env={k: k for k in S3_SECRET_KEYS})
         kubernetes.use_secret_as_env(task, secret_name=opts.s3_secret,
                                      secret_key_to_env={k: k for k in S3_OPTIONAL_KEYS}, optional=True)
+    if opts.pushgateway:
+        task.set_env_variable(GATEWAY_ENV, opts.pushgateway)
     res = opts.resources.get(name)
     if res:
         for setter, value in ((task.set_cpu_request, res.cpu_request), (task.set_cpu_limit, res.cpu_limit),

@@ -29,13 +29,14 @@ from prvr.search import VideoIndex
 from prvr.search.ann import build_faiss_into, stored_ann_fits
 from prvr.serving import check_index
 
-__all__ = ["build_archive", "HANDLER", "DEFAULT_CONFIG", "SERVING"]
+__all__ = ["build_archive", "HANDLER", "DEFAULT_CONFIG", "LOG_CONFIG", "SERVING"]
 
 _SOURCE_SERVING = Path(__file__).resolve().parent.parent / "serving"
 # A source checkout has serving/ next to prvr/; the container image keeps it in /app/serving.
 SERVING = _SOURCE_SERVING if _SOURCE_SERVING.is_dir() else Path.cwd() / "serving"
 HANDLER = SERVING / "handler.py"
 DEFAULT_CONFIG = SERVING / "config.properties"
+LOG_CONFIG = SERVING / "log4j2.xml"         # TorchServe's logging: one line per request
 
 
 def _check_inputs(checkpoint: Path, index_dir: Path, version: str) -> tuple[dict, dict]:
@@ -55,6 +56,16 @@ def _with_faiss_index(index_dir: Path, cfg: Config, manifest: dict) -> None:
     stored = manifest.get("ann")
     if not (stored_ann_fits(stored, cfg.search) and stored.get("refine_codes", "arrays") == cfg.search.refine_codes):
         build_faiss_into(index_dir, cfg.search)
+
+
+def _model_config(cfg: Config) -> str:
+    """TorchServe's per-model settings. ``clientTimeoutInMills`` (serve.client_timeout_ms) bounds
+    how long a request may wait in the job queue, e.g. while a killed worker reloads the model."""
+    text = (f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {cfg.serve.batch_size}\n"
+            f"maxBatchDelay: {cfg.serve.max_batch_delay_ms}\nresponseTimeout: 60\n")
+    if cfg.serve.client_timeout_ms:
+        text += f"clientTimeoutInMills: {cfg.serve.client_timeout_ms}\n"
+    return text
 
 
 def build_archive(checkpoint: str | Path, index_dir: str | Path, out_dir: str | Path, version: str,
@@ -79,9 +90,7 @@ def build_archive(checkpoint: str | Path, index_dir: str | Path, out_dir: str | 
             "serve": cfg.to_dict()["serve"], "search": cfg.to_dict()["search"],
         }
         (bundle / "serve.json").write_text(json.dumps(serve, indent=2) + "\n")
-        (tmp / "model-config.yaml").write_text(
-            f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {cfg.serve.batch_size}\n"
-            f"maxBatchDelay: {cfg.serve.max_batch_delay_ms}\nresponseTimeout: 60\n")
+        (tmp / "model-config.yaml").write_text(_model_config(cfg))
         (tmp / "weights").mkdir()
         weights = tmp / "weights" / "model.pt"
         shutil.copyfile(checkpoint, weights)

@@ -24,12 +24,13 @@ from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from prvr.errors import DataError
 from prvr.metrics import mv_bin_labels
 
 __all__ = [
-    "SPLITS", "BigFile", "Caption", "Moment", "Collection", "video_id_of",
+    "SPLITS", "BigFile", "Caption", "Moment", "VideoInfo", "Collection", "video_id_of",
     "default_text_feature_file", "caption_file_name", "parse_video2frames", "mv_bins",
     "format_stats",
 ]
@@ -64,6 +65,52 @@ class Caption(NamedTuple):
     cap_id: str
     video_id: str
     text: str
+
+
+class VideoInfo(BaseModel):
+    """One line of the optional ``videos.jsonl`` beside a collection: what a person sees of a
+    video (title, length, link). Unknown fields, non-finite lengths and links other than
+    http(s) are refused: the file is user input that ends up in answers and on a web page."""
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    video_id: str = Field(min_length=1, max_length=256)
+    title: str | None = Field(default=None, max_length=500)
+    duration_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    url: str | None = Field(default=None, max_length=2048)
+
+    @field_validator("duration_s", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value
+
+
+def read_video_info(path: Path) -> dict[str, VideoInfo]:
+    """video_id -> VideoInfo from a videos.jsonl file; DataError with file:line on a bad line."""
+    out: dict[str, VideoInfo] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            info = VideoInfo.model_validate(json.loads(line))
+        except (ValueError, RecursionError) as exc:
+            why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()) \
+                if isinstance(exc, ValidationError) else f"not JSON ({type(exc).__name__})"
+            raise DataError(f"{path}:{lineno}: not a video record ({why}); expected "
+                            '{"video_id", "title"?, "duration_s"?, "url"?}') from None
+        if info.video_id in out:
+            raise DataError(f"{path}:{lineno}: video {info.video_id!r} is listed twice")
+        out[info.video_id] = info
+    return out
 
 
 class Moment(NamedTuple):
@@ -221,6 +268,7 @@ class Collection:
         self.text_path = self.path / "TextData"
         self.text_feature_path = self.text_path / (text_feature_file or default_text_feature_file(self.name))
         self.moments_path = self.path / "moments.jsonl"
+        self.video_info_path = self.path / "videos.jsonl"
         self._video_feature = video_feature
         self._captions: dict[str, list[Caption]] = {}
         self._text: _TextFile | None = None
@@ -380,6 +428,20 @@ class Collection:
             out.append(arr)
         return out
 
+    # ---- video metadata ---------------------------------------------------------------
+    @cached_property
+    def video_info(self) -> dict[str, VideoInfo]:
+        """video_id -> title, duration and link from videos.jsonl ({} when the file is absent);
+        a listed video the features do not hold is a DataError."""
+        if not self.video_info_path.is_file():
+            return {}
+        info = read_video_info(self.video_info_path)
+        unknown = [v for v in info if v not in self.video2frames]
+        if unknown:
+            raise DataError(f"{self.video_info_path} lists videos the features do not hold: "
+                            f"{_shown(unknown)}")
+        return info
+
     # ---- moments ----------------------------------------------------------------------
     def moments(self) -> dict[str, Moment]:
         """cap_id -> Moment from moments.jsonl ({} when the file is absent)."""
@@ -474,6 +536,7 @@ class Collection:
             "text_encoder": self.text_encoder,
             "missing_splits": missing,
             "moments_known": len(moments),
+            "videos_described": len(self.video_info),
             "splits": {},
         }
         for s in present:

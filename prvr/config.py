@@ -50,7 +50,7 @@ Variant = Literal["ms-sl++", "ms-sl", "mean-pool"]
 IndexType = Literal["flat", "ivf", "hnsw", "ivfpq", "ivfpqfs"]       # search.index_type (faiss)
 VARIANTS: tuple[str, ...] = get_args(Variant)
 ANN_INDEX_TYPES: tuple[str, ...] = get_args(IndexType)
-REFINE_CODES = re.compile(r"arrays|fp16|sq8|pq[1-9][0-9]*")          # search.refine_codes
+REFINE_CODES = re.compile(r"arrays|fp16|sq[468]|rabitq[1-9]|pq[1-9][0-9]*")   # search.refine_codes
 
 # Keys older checkpoints, archives and params files may still carry: read and dropped.
 RETIRED_KEYS = frozenset({"search.frame_candidates", "text.max_tokens"})
@@ -103,7 +103,7 @@ _REGISTRY_URI = r"^(?:(?:file|s3)://.+|[^:]+)$"           # registry.Registry ac
 _CHECKPOINT_URI = r"^(?:s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](?:/.*)?|/.*)$"   # train.checkpoint_uri
 _PATTERN_HINTS = {                                  # what a pattern means, for error messages
     _DEVICE: "auto, cpu, cuda or cuda:N",
-    _REFINE: "arrays, fp16, sq8 or pq<M> (M >= 1 bytes per clip)",
+    _REFINE: "arrays, fp16, sq8, sq6, sq4, rabitq<b> (1 <= b <= 9 bits per dim) or pq<M> (M >= 1 bytes per clip)",
     _REGISTRY_URI: "file://PATH, s3://BUCKET/PREFIX or a folder path",
     _CHECKPOINT_URI: "s3://BUCKET/PREFIX or an absolute folder path",
 }
@@ -156,7 +156,7 @@ class DataConfig(_Section):
 
 class SynthConfig(_Section):
     section: ClassVar[str] = "synth"
-    preset: Literal["tiny", "small", "tvr-like"]
+    preset: Literal["tiny", "small", "tvr-like", "hard"]
     seed: Count
 
 
@@ -166,6 +166,15 @@ class TextConfig(_Section):
     batch_size: PosInt
     precision: Literal["float32", "bfloat16"]
     source: Literal["auto", "hdf5", "encoder"]
+    runtime: Literal["torch", "onnx"]
+    quantize: Literal["none", "int8"]
+
+    @model_validator(mode="after")
+    def _runnable(self) -> "TextConfig":
+        if self.precision != "float32" and self.quantize != "none":
+            raise ValueError(f"text.quantize {self.quantize!r} quantizes the float32 encoder: set "
+                             f"text.precision float32, or text.quantize none to keep {self.precision}")
+        return self
 
 
 class ModelConfig(_Section):
@@ -247,6 +256,7 @@ class SearchConfig(_Section):
     pq_m: PosInt
     refine: PosInt
     refine_codes: Annotated[str, Field(pattern=_REFINE)]
+    read_ahead: Bool                # faiss: read the candidates' rows of memory-mapped arrays ahead, at once
     candidates: PosInt
     milvus_candidates: PosInt
     milvus_uri: Text | None
@@ -258,6 +268,11 @@ class RegistryConfig(_Section):
     endpoint_url: Text | None
     model_name: Text
     promotion_margin: NonNegFloat
+    max_attempts: PosInt
+    retry_mode: Literal["standard", "adaptive"]
+    multipart_threshold_mb: Annotated[Int, Field(ge=1, le=5120)]       # MiB; 5120 = S3's single-PUT cap
+    multipart_chunk_mb: Annotated[Int, Field(ge=5, le=5120)]           # MiB; S3's part size bounds
+    max_concurrency: PosInt
 
 
 class ServeConfig(_Section):
@@ -266,11 +281,13 @@ class ServeConfig(_Section):
     max_top_k: PosInt
     max_query_chars: PosInt
     max_queries: PosInt
+    max_body_bytes: Annotated[Int, Field(ge=1, le=2**31 - 1)]   # bytes; TorchServe's limit is a Java int
     fps: PosFloat | None
     batch_size: PosInt
     max_batch_delay_ms: Count
     threads: PosInt
     corpus: Text                                    # all | a split | a file of video ids
+    client_timeout_ms: Count                        # TorchServe clientTimeoutInMills; 0 = none
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":

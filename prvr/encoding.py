@@ -72,8 +72,8 @@ class TextSource:
         if source == "hdf5" and not collection.has_text_features:
             raise DataError(f"text.source is hdf5 but the text feature file {collection.text_feature_path} "
                             "is missing: set text.source to auto or encoder to encode the captions")
-        if collection.has_text_features and (source != "encoder" or collection.text_encoder ==
-                                             encoder_identifier(cfg.text.encoder, cfg.text.precision)):
+        if collection.has_text_features and (source != "encoder" or collection.text_encoder == encoder_identifier(
+                cfg.text.encoder, cfg.text.precision, cfg.text.quantize)):
             self.dim = collection.text_dim
             self.encoder_name = hdf5_encoder_name(collection)
             return

@@ -10,6 +10,7 @@ Usage::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -96,4 +97,11 @@ def build_index(checkpoint: str | Path, data_path: str | Path, videos: str, out_
         emb, torch.cat(frames).numpy(), video_ids, out_dir, model_version=model_version or ckpt_sha,
         map_size=ckpt_cfg.model.map_size, alpha=ckpt_cfg.model.alpha, dtype=cfg.search.dtype,
         fps=cfg.serve.fps, checkpoint_sha256=ckpt_sha, text_encoder=ckpt.get("text_encoder"),
-        ann=ann, meta={"corpus": corpus, "corpus_size": len(video_ids), "data_version": data_version})
+        ann=ann, meta={"corpus": corpus, "corpus_size": len(video_ids), "data_version": data_version},
+        video_info=[_described(collection, v) for v in video_ids])
+
+
+def _described(collection: Collection, video_id: str) -> dict[str, Any] | None:
+    """The videos.jsonl entry of a video without its id (None when not described)."""
+    info = collection.video_info.get(video_id)
+    return None if info is None else info.model_dump(exclude={"video_id"}, exclude_none=True)

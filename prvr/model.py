@@ -6,8 +6,9 @@ N spans, K kept clips, T frames, H hidden size.
 
 Encode and score are separate, so videos are encoded once and scored against any
 query later. `score` is the fp32 reference (evaluation uses it; the search engines'
-faster paths are tested against it) and every path that combines the two scales,
-training's `forward` included, does it through `fuse`::
+faster paths are tested against it). Training scores a batch with `training_scores`: the
+same clip and frame scores in differentiable form (its losses use each scale on its own).
+Every path that combines the two scales does it through `fuse`::
 
     q = model.encode_queries(tokens, token_mask)              # (Q, H)
     v = model.encode_videos(units, frames, frame_mask)        # clips/attended (V, K, H)
@@ -24,8 +25,8 @@ from torch import nn
 
 from prvr.config import ModelConfig
 
-__all__ = ["PRVRModel", "VideoEmbeddings", "Scores", "score", "fuse", "kmedoids", "span_table",
-           "sinusoidal_table"]
+__all__ = ["PRVRModel", "VideoEmbeddings", "Scores", "score", "training_scores", "fuse", "kmedoids",
+           "span_table", "sinusoidal_table", "kept_rows"]
 
 
 class VideoEmbeddings(NamedTuple):
@@ -45,6 +46,37 @@ class Scores(NamedTuple):
 # --------------------------------------------------------------------------- #
 # Building blocks
 # --------------------------------------------------------------------------- #
+def kept_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """Flat indices (n,) of the unmasked positions of a (B, L) mask; None when none is masked."""
+    return None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, D) -> the kept positions (n, D), or all B * L of them."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if rows is None else x.index_select(0, rows)
+
+
+def _put(x: torch.Tensor, rows: torch.Tensor | None, B: int, L: int) -> torch.Tensor:
+    """(n, D) rows back at their positions (B, L, D); zeros at the masked ones."""
+    if rows is None:
+        return x.view(B, L, -1)
+    return x.new_zeros(B * L, x.shape[-1]).index_copy(0, rows, x).view(B, L, -1)
+
+
+def _dropout(x: torch.Tensor, drop: nn.Dropout, shape: tuple[int, ...],
+             rows: torch.Tensor | None) -> torch.Tensor:
+    """drop(x) for the kept rows (n, D) of a padded (B, L, D) batch.
+
+    The mask is drawn over the whole padded shape, so skipping the padding changes neither
+    the random stream nor any later dropout mask. On the CPU it is exactly what nn.Dropout
+    draws and applies (bernoulli_(1 - p), then / (1 - p)): the same bits."""
+    if not drop.training or drop.p == 0:
+        return x
+    keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - drop.p)
+    return x * _take(keep, rows).div_(1 - drop.p)
+
+
 class SelfAttentionBlock(nn.Module):
     """Multi-head self-attention + output projection + residual + LayerNorm (no FFN)."""
 
@@ -57,18 +89,24 @@ class SelfAttentionBlock(nn.Module):
         self.out_drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, L, H = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """x (n, H): the kept rows of a (B, L) batch (`rows`, see kept_rows) -> (n, H)."""
+        (B, L), H = mask.shape, x.shape[-1]
+        qkv = _put(self.qkv(x), rows, B, L)                                # (B, L, 3H)
+        q, k, v = qkv.view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
         att = q @ k.transpose(-1, -2) / math.sqrt(H // self.heads)       # (B, h, L, L)
         att = att.masked_fill(~mask[:, None, None, :], torch.finfo(att.dtype).min)
         att = self.attn_drop(att.softmax(-1))
-        y = (att @ v).transpose(1, 2).reshape(B, L, H)                   # (B, L, H)
-        return self.norm(x + self.out_drop(self.out(y)))
+        y = _take((att @ v).transpose(1, 2).reshape(B, L, H), rows)       # (n, H)
+        return self.norm(x + _dropout(self.out(y), self.out_drop, (B, L, H), rows))
 
 
 class FeatureEncoder(nn.Module):
-    """Input projection, trainable positions, one self-attention block (query/clip/frame)."""
+    """Input projection, trainable positions, one self-attention block (query/clip/frame).
+
+    Position-wise layers run on the unmasked positions only: padding is about half of a
+    batch of frames or tokens. Their outputs equal a padded forward's (dropout included,
+    see _dropout); masked positions come out as zeros."""
 
     def __init__(self, in_dim: int, hidden: int, max_len: int, heads: int, dropout: float):
         super().__init__()
@@ -80,9 +118,14 @@ class FeatureEncoder(nn.Module):
         self.attention = SelfAttentionBlock(hidden, heads, dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.project(x)                                               # (B, L, H)
-        h = self.pos_drop(self.pos_norm(h + self.position.weight[: h.shape[1]]))
-        return self.attention(h, mask)                                    # (B, L, H)
+        """x (B, L, D) with mask (B, L) -> (B, L, H)."""
+        (B, L, D), rows = x.shape, kept_rows(mask)
+        norm, drop, linear, relu = self.project
+        h = relu(linear(_dropout(norm(_take(x, rows)), drop, (B, L, D), rows)))  # (n, H)
+        positions = torch.arange(L, device=x.device).repeat(B)            # (B * L,)
+        h = self.pos_norm(h + self.position(positions if rows is None else positions[rows]))
+        h = _dropout(h, self.pos_drop, (B, L, h.shape[-1]), rows)
+        return _put(self.attention(h, mask, rows), rows, B, L)            # (B, L, H)
 
 
 def masked_softmax_pool(x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,39 +153,78 @@ def sinusoidal_table(n: int, dim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 # Length-aware clip clustering (batched k-medoids, no [B, K, N, N] tensors)
 # --------------------------------------------------------------------------- #
-@torch.no_grad()
-def kmedoids(dist: torch.Tensor, k: int, iters: int = 60, tol: float = 1e-5) -> torch.Tensor:
-    """Batched k-medoids on precomputed distances (B, N, N) -> sorted medoid indices (B, k).
+def _shifted(dist: torch.Tensor) -> torch.Tensor:
+    """The original's distance setup, per video: d - max(d) - 1, and 1 less on the diagonal.
 
-    Farthest-point initialisation (first medoid: the most central point), then
-    alternate assignment / medoid update until the medoids stop changing or the
-    total cost improves by less than `tol` (relative). The update needs, for each
-    point, the sum of distances to the members of each cluster: one (B, N, N) x
-    (B, N, k) product instead of the original (B, k, N, N) tensor.
-    """
-    B, N, _ = dist.shape
-    batch = torch.arange(B, device=dist.device)
-    medoids = torch.empty(B, k, dtype=torch.long, device=dist.device)
-    medoids[:, 0] = dist.sum(-1).argmin(-1)
-    nearest = dist[batch, medoids[:, 0]]                                  # (B, N)
+    All values are then below the 0 a non-member adds to a medoid sum, and every point is
+    nearest to itself (it joins its own cluster and is never seeded twice). Working on the
+    same numbers as the original matters: exact ties are common among spans (a two-span
+    cluster; a span halfway between two medoid spans) and rounding decides them."""
+    d = dist - dist.amax(dim=(1, 2), keepdim=True) - 1                    # (B, N, N)
+    d.diagonal(dim1=1, dim2=2).sub_(1)
+    return d
+
+
+def _kkz_init(d: torch.Tensor, norms: torch.Tensor, k: int) -> torch.Tensor:
+    """KKZ seeding (B, k) on shifted distances: the point of largest norm, then each time the
+    point farthest from the medoids chosen so far; ties go to the lowest index."""
+    B = d.shape[0]
+    batch = torch.arange(B, device=d.device)
+    medoids = torch.empty(B, k, dtype=torch.long, device=d.device)
+    medoids[:, 0] = norms.argmax(-1)
+    nearest = d[batch, medoids[:, 0]]                                     # (B, N)
     for j in range(1, k):
         medoids[:, j] = nearest.argmax(-1)
-        nearest = torch.minimum(nearest, dist[batch, medoids[:, j]])
+        nearest = torch.minimum(nearest, d[batch, medoids[:, j]])
+    return medoids
+
+
+def _kmedoids_step(d: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
+    """One assignment + medoid update (B, k) on shifted distances: each cluster's member with
+    the least summed distance to its cluster. The sums are one masked (B, N, N) row sum
+    (a point's own cluster only) instead of the original's (B, k, N, N) tensor."""
+    B, k = medoids.shape
+    rows = d.gather(1, medoids[:, :, None].expand(B, k, d.shape[-1]))     # (B, k, N) medoid -> point
+    assign = rows.argmin(1)                                               # (B, N), first medoid on ties
+    cost = (d * (assign[:, :, None] == assign[:, None, :])).sum(-1)       # (B, N) to own cluster
+    member = assign[:, :, None] == torch.arange(k, device=d.device)       # (B, N, k)
+    return cost[:, :, None].masked_fill(~member, float("inf")).argmin(1)  # (B, k), lowest index on ties
+
+
+@torch.no_grad()
+def kmedoids(dist: torch.Tensor, norms: torch.Tensor, k: int, iters: int = 60,
+             tol: float = 1e-5) -> torch.Tensor:
+    """Batched k-medoids choosing the medoids of the original MS-SL++ clustering -> sorted (B, k).
+
+    dist (B, N, N): Euclidean distances between the points; norms (B, N): their L2 norms.
+    KKZ initialisation, then assignment / medoid update until the medoids' summed shift
+    (distance from each old medoid to its new one) is below `tol`, or `iters` updates;
+    ties as the original's argmin / argmax. Given the same distances, the medoids equal the
+    original's run one video at a time. The original stops a group of up to 64 videos
+    together on their mean shift (and shifts distances by the group's maximum); here each
+    video stops on its own, so its medoids never depend on the videos batched with it. A
+    video that reached a fixed point stays there, so the two stop rules differ only when a
+    medoid moves by less than 64 * tol (docs/architecture.md).
+    """
+    B, N, _ = dist.shape
+    if not 0 < k <= N:
+        raise ValueError(f"k-medoids needs 0 < k <= the number of points ({N}), got k={k}")
+    if norms.shape != dist.shape[:2]:
+        raise ValueError(f"norms must have shape {tuple(dist.shape[:2])}, got {tuple(norms.shape)}")
+    shifted = _shifted(dist)
+    medoids = _kkz_init(shifted, norms, k)
+    active = torch.arange(B, device=dist.device)
     for _ in range(iters):
-        to_medoid = dist.gather(2, medoids[:, None, :].expand(B, N, k))   # (B, N, k)
-        near, assign = to_medoid.min(-1)                                  # (B, N)
-        member = torch.zeros(B, N, k, dtype=dist.dtype, device=dist.device)
-        member.scatter_(2, assign.unsqueeze(-1), 1.0)                     # (B, N, k) one-hot
-        within = torch.bmm(dist, member)                                  # (B, N, k) sum to members
-        best, new = within.masked_fill(member == 0, float("inf")).min(1)  # (B, k)
-        new = torch.where(torch.isinf(best), medoids, new)               # empty cluster: keep
-        old_cost = near.sum(-1)                                           # (B,)
-        new_cost = dist.gather(2, new[:, None, :].expand(B, N, k)).min(-1).values.sum(-1)
-        done = torch.equal(new, medoids) or bool(
-            ((old_cost - new_cost).abs() <= tol * old_cost.clamp_min(1e-12)).all())
-        medoids = new
-        if done:
+        if len(active) == 0:
             break
+        sub = (dist, shifted) if len(active) == B else (dist[active], shifted[active])
+        old = medoids[active]
+        new = _kmedoids_step(sub[1], old)
+        rows = torch.arange(len(active), device=dist.device)[:, None]
+        # how far each medoid moved; an unchanged one moved by exactly 0 (not by d[m, m])
+        shift = (sub[0][rows, new, old] * (new != old)).sum(-1)            # (b,)
+        medoids[active] = new
+        active = active[shift >= tol]
     return medoids.sort(-1).values
 
 
@@ -181,6 +263,27 @@ def score(queries: torch.Tensor, clips: torch.Tensor, attended: torch.Tensor,
     frame_score = torch.cat([o[1] for o in out], 1)
     key = torch.cat([o[2] for o in out], 1)
     return Scores(fuse(clip_score, frame_score, alpha), clip_score, frame_score, key)
+
+
+def training_scores(queries: torch.Tensor, clips: torch.Tensor,
+                    attended: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The losses' score matrices (Q, V), differentiable: cosine and raw dot product per scale.
+
+    The same scores as `score` (no chunking: a training batch is small), for PRVRModel.forward
+    and for data-parallel training, which scores the embeddings gathered from every rank.
+    The frame scale scores every (query, clip) pair with one product and then picks the key
+    clip's: cheaper than gathering a (Q, V, H) tensor of attended vectors and its backward."""
+    raw_all = torch.einsum("qh,vkh->qvk", queries, clips)                 # (Q, V, K)
+    q_norm = queries.norm(dim=-1).clamp_min(1e-12)                        # (Q,)
+    clip_norm = clips.norm(dim=-1).clamp_min(1e-12)                       # (V, K)
+    clip, key = (raw_all / (q_norm[:, None, None] * clip_norm)).max(-1)   # (Q, V)
+    key = key.unsqueeze(-1)                                               # (Q, V, 1)
+    frame_all = torch.einsum("qh,vkh->qvk", queries, attended)            # (Q, V, K)
+    raw_frame = frame_all.gather(2, key).squeeze(-1)                      # (Q, V)
+    att_norm = attended.norm(dim=-1).clamp_min(1e-12)                     # (V, K)
+    att_norm = att_norm.expand(len(queries), -1, -1).gather(2, key).squeeze(-1)  # (Q, V)
+    frame = raw_frame / (q_norm[:, None] * att_norm)
+    return {"clip": clip, "frame": frame, "clip_raw": raw_all.max(-1).values, "frame_raw": raw_frame}
 
 
 # --------------------------------------------------------------------------- #
@@ -275,11 +378,12 @@ class PRVRModel(nn.Module):
     @torch.no_grad()
     def cluster_spans(self, enc_units: torch.Tensor) -> torch.Tensor:
         """Medoid span indices (V, K) of [span feature ; length encoding] under Euclidean distance."""
-        dist = self.span_distances(enc_units)                             # (V, N, N)
-        return kmedoids(dist, self.cfg.cluster_num, self.cfg.kmedoids_iters, self.cfg.kmedoids_tol)
+        dist, norms = self.span_distances(enc_units)                      # (V, N, N), (V, N)
+        return kmedoids(dist, norms, self.cfg.cluster_num, self.cfg.kmedoids_iters, self.cfg.kmedoids_tol)
 
-    def span_distances(self, enc_units: torch.Tensor) -> torch.Tensor:
-        """Euclidean distances (V, N, N) between the [span feature ; length encoding] of all spans.
+    def span_distances(self, enc_units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Euclidean distances (V, N, N) between the [span feature ; length encoding] of all spans,
+        and the L2 norms (V, N) of those vectors (k-medoids seeds at the largest).
 
         Spans are linear in the units (span = P @ units), so their Gram matrix is
         P (U U^T) P^T: (V, U, U) work instead of (V, N, N, H). The length encoding
@@ -290,19 +394,24 @@ class PRVRModel(nn.Module):
         V = enc_units.shape[0]
         table = self.length_drop(self.length_table.expand(V, -1, -1))     # (V, U, E)
         length = (self.spans[:, 1] - self.spans[:, 0] - 1)                # (N,) length index
-        len_gram = (table @ table.transpose(1, 2))[:, length][:, :, length]  # (V, N, N)
-        gram = gram + len_gram
+        gram += (table @ table.transpose(1, 2))[:, length][:, :, length]  # (V, N, N)
         sq = gram.diagonal(dim1=1, dim2=2)                                # (V, N)
-        return (sq[:, :, None] + sq[:, None, :] - 2 * gram).clamp_min(0).sqrt()
+        # in place over (V, N, N): the same bits as sq_i + sq_j - 2 gram (2 gram is exact)
+        dist = (sq[:, :, None] + sq[:, None, :]).sub_(gram, alpha=2)
+        return dist.clamp_min_(0).sqrt_(), sq.clamp_min(0).sqrt()
 
     def key_clip_attention(self, clips: torch.Tensor, frames: torch.Tensor,
                            frame_mask: torch.Tensor) -> torch.Tensor:
         """KCGA for every candidate key clip: clips (V, K, H), frames (V, T, H) -> (V, K, H).
 
         The raw clip feature is the attention query (single head, no scaling);
-        a pair (query, video) only selects which of the K rows it uses.
+        a pair (query, video) only selects which of the K rows it uses. Keys and values
+        are projected for the unmasked frames only.
         """
-        keys, values = self.kcga_key(frames), self.kcga_value(frames)      # (V, T, H)
+        (V, T, _), rows = frames.shape, kept_rows(frame_mask)
+        kept = _take(frames, rows)                                        # (n, H)
+        keys = _put(self.kcga_key(kept), rows, V, T)                      # (V, T, H)
+        values = _put(self.kcga_value(kept), rows, V, T)                  # (V, T, H)
         logits = clips @ keys.transpose(1, 2)                             # (V, K, T)
         logits = logits.masked_fill(~frame_mask[:, None, :], torch.finfo(logits.dtype).min)
         return logits.softmax(-1) @ values                                # (V, K, H)
@@ -310,22 +419,9 @@ class PRVRModel(nn.Module):
     # -- training forward ----------------------------------------------------
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor, units: torch.Tensor,
                 frames: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Score matrices (Q, V) for the losses: cosine scores and raw dot products.
-
-        Same scores as `score`, computed for a training batch: one query x clip
-        product, then only the key clip's attended vector is gathered per pair
-        instead of scoring all K of them.
-        """
+        """Score matrices (Q, V) for the losses (`training_scores`), the fused score and the
+        query vectors (Q, H): encode, then score, on one process's batch."""
         q = self.encode_queries(tokens, token_mask)                       # (Q, H)
         v = self.encode_videos(units, frames, frame_mask)                 # (V, K, H) x2
-        raw_all = torch.einsum("qh,vkh->qvk", q, v.clips)                 # (Q, V, K)
-        q_norm = q.norm(dim=-1).clamp_min(1e-12)                          # (Q,)
-        clip_norm = v.clips.norm(dim=-1).clamp_min(1e-12)                 # (V, K)
-        clip, key = (raw_all / (q_norm[:, None, None] * clip_norm)).max(-1)  # (Q, V)
-        video = torch.arange(v.clips.shape[0], device=q.device).expand_as(key)
-        att = v.attended[video, key]                                      # (Q, V, H)
-        raw_frame = (q[:, None, :] * att).sum(-1)                         # (Q, V)
-        frame = raw_frame / (q_norm[:, None] * att.norm(dim=-1).clamp_min(1e-12))
-        return {"clip": clip, "frame": frame,
-                "fused": fuse(clip, frame, self.cfg.alpha),
-                "clip_raw": raw_all.max(-1).values, "frame_raw": raw_frame, "queries": q}
+        out = training_scores(q, v.clips, v.attended)
+        return {**out, "fused": fuse(out["clip"], out["frame"], self.cfg.alpha), "queries": q}

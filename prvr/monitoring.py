@@ -9,6 +9,11 @@ Usage::
 
     push_run_metrics("prvr-train", {"duration_seconds": 812.4, "epochs": 37, "best_sumr": 171.2},
                      labels={"collection": "tvr"})     # gateway from $PRVR_PUSHGATEWAY
+
+Each push replaces the job's group, and stages push only when they succeed, with
+``LAST_SUCCESS`` = now among the values: ``prvr_run_last_success_timestamp_seconds{job=...}``
+is then the time of the job's last success, which deploy/prometheus/alerts.yaml watches
+(Prometheus scrapes the gateway with honor_labels, so ``job`` stays the pushed one).
 """
 from __future__ import annotations
 
@@ -20,10 +25,11 @@ from typing import Mapping
 
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
-__all__ = ["push_run_metrics", "metric_name", "GATEWAY_ENV", "PREFIX"]
+__all__ = ["push_run_metrics", "metric_name", "GATEWAY_ENV", "PREFIX", "LAST_SUCCESS"]
 
 GATEWAY_ENV = "PRVR_PUSHGATEWAY"
 PREFIX = "prvr_run_"
+LAST_SUCCESS = "last_success_timestamp_seconds"   # -> prvr_run_last_success_timestamp_seconds
 TIMEOUT_S = 3.0
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """The local TorchServe process: started from a working directory (logs, key_file.json and the
 PID file stay there) with the ports and settings of serving/config.properties, optionally
-overridden; `prvr serve`, the demo and the tests use it.
+overridden, and the logging of serving/log4j2.xml; `prvr serve`, `prvr serve-registry`, the
+demo and the tests use it.
 
 Usage::
 
@@ -18,11 +19,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import requests
 
-from prvr.archive import DEFAULT_CONFIG
+from prvr.archive import DEFAULT_CONFIG, LOG_CONFIG
 from prvr.errors import PrvrError
 
 __all__ = ["TorchServe", "read_properties", "write_properties", "free_port"]
@@ -61,15 +62,20 @@ class TorchServe:
 
     ``overrides`` replace config.properties entries; ``free_ports=True`` moves every
     port (REST and gRPC) to free loopback ports so tests never clash with a running server.
+    ``log_config``: TorchServe's log4j2 file (None: the one inside TorchServe's jar).
+    ``drop_env``: variables of this process that TorchServe and its workers must not see.
     """
 
     def __init__(self, workdir: str | Path, model_store: str | Path, models: Mapping[str, str] | None = None,
                  config: str | Path = DEFAULT_CONFIG, overrides: Mapping[str, Any] | None = None,
-                 free_ports: bool = False):
+                 free_ports: bool = False, log_config: str | Path | None = LOG_CONFIG,
+                 drop_env: Iterable[str] = ()):
         self.workdir = Path(workdir).resolve()
         self.model_store = Path(model_store).resolve()
         self.models = dict(models or {})
         self.config = Path(config).resolve()
+        self.log_config = Path(log_config).resolve() if log_config else None
+        self.drop_env = tuple(drop_env)
         props = read_properties(self.config)
         for key in _PATH_KEYS:
             if key in props and not Path(props[key]).is_absolute():
@@ -93,7 +99,7 @@ class TorchServe:
     # -- lifecycle -------------------------------------------------------------
     @property
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in self.drop_env}
         env.update(TEMP=str(self.tmp), TMPDIR=str(self.tmp), LOG_LOCATION=str(self.workdir / "logs"),
                    METRICS_LOCATION=str(self.workdir / "logs"))
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -103,15 +109,22 @@ class TorchServe:
         exe = Path(sys.executable).parent / "torchserve"
         return [str(exe) if exe.exists() else (shutil.which("torchserve") or "torchserve"), *args]
 
-    def start(self, foreground: bool = False, wait: float | None = 120.0) -> "TorchServe":
+    def _start_command(self) -> list[str]:
+        """Create the working folders, write the effective config.properties; the start command."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(exist_ok=True)
         self.model_store.mkdir(parents=True, exist_ok=True)
         write_properties(self.workdir / "config.properties", self.props)
         cmd = self._cmd("--start", "--ncs", "--model-store", str(self.model_store),
                         "--ts-config", str(self.workdir / "config.properties"))
+        if self.log_config:
+            cmd += ["--log-config", str(self.log_config)]
         if self.models:
             cmd += ["--models", *[f"{name}={mar}" for name, mar in self.models.items()]]
+        return cmd
+
+    def start(self, foreground: bool = False, wait: float | None = 120.0) -> "TorchServe":
+        cmd = self._start_command()
         if foreground:
             # SIGTERM/Ctrl-C to a --foreground launcher would leave the Java process running:
             # stop it through `torchserve --stop` instead.
@@ -132,6 +145,37 @@ class TorchServe:
                 raise
         return self
 
+    def run(self, wait: float = 600.0, on_ready: Callable[["TorchServe"], None] | None = None) -> int:
+        """TorchServe in the foreground of this process (a container's main command): start it,
+        wait until every model has a READY worker, call ``on_ready``, then block until TorchServe
+        exits. SIGTERM or SIGINT stop it through ``torchserve --stop`` (signalling the launcher
+        would leave the Java process running) and return 0; a TorchServe that dies or never gets
+        ready raises PrvrError."""
+        def interrupt(signum: int, frame: Any) -> None:
+            for sig in previous:                    # a second signal must not cut the stop short
+                signal.signal(sig, signal.SIG_IGN)
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        cmd = self._start_command()
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.launcher = subprocess.Popen(cmd + ["--foreground"], cwd=self.workdir, env=self.env)
+            self.wait_ready(wait)
+            if on_ready is not None:
+                on_ready(self)
+            code = self.launcher.wait()
+            self.launcher = None
+            return code
+        except KeyboardInterrupt:
+            self.stop()
+            return 0
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     def stop(self, timeout: float = 90.0) -> None:
         """``torchserve --stop --foreground``: returns once the Java process has exited."""
         subprocess.run(self._cmd("--stop", "--foreground"), cwd=self.workdir, env=self.env,
@@ -150,6 +194,11 @@ class TorchServe:
         self.stop()
 
     # -- keys and calls --------------------------------------------------------
+    @property
+    def token_auth(self) -> bool:
+        """TorchServe's token authorisation (on unless disable_token_authorization=true)."""
+        return self.props.get("disable_token_authorization", "false").strip().lower() != "true"
+
     def keys(self) -> dict[str, str]:
         """{"inference": key, "management": key} from key_file.json (token authorisation)."""
         path = self.workdir / "key_file.json"
@@ -157,7 +206,7 @@ class TorchServe:
         return {kind: data[kind]["key"] for kind in ("inference", "management") if kind in data}
 
     def headers(self, kind: str = "inference") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys()[kind]}"}
+        return {"Authorization": f"Bearer {self.keys()[kind]}"} if self.token_auth else {}
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Until every model given at start answers through the management API with a READY worker."""
@@ -167,7 +216,7 @@ class TorchServe:
             if self.launcher is not None and self.launcher.poll() not in (None, 0):
                 raise PrvrError(f"torchserve exited ({self.launcher.returncode}); see {self.workdir}/logs")
             try:
-                if (self.workdir / "key_file.json").is_file():
+                if (self.workdir / "key_file.json").is_file() or not self.token_auth:
                     h = self.headers("management")
                     if not self.models:
                         requests.get(f"{self.management_url}/models", headers=h, timeout=2).raise_for_status()

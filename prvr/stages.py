@@ -40,7 +40,7 @@ from prvr.config import Config, load_config
 from prvr.errors import CheckpointError, DataError, PrvrError
 from prvr.evaluate import evaluate
 from prvr.indexing import build_index
-from prvr.monitoring import push_run_metrics
+from prvr.monitoring import LAST_SUCCESS, push_run_metrics
 from prvr.archive import build_archive
 from prvr.plots import plot_evaluation
 from prvr.registry import Judge, Registry, compare_metric, resolve_metric
@@ -82,9 +82,12 @@ def pipeline_params(cfg: Config) -> dict[str, Any]:
 
 
 def _push(job: str, values: Mapping[str, Any], cfg: Config) -> bool:
-    """Run metrics to the Pushgateway named by $PRVR_PUSHGATEWAY (a no-op without it)."""
-    return push_run_metrics(job, values, labels={"collection": cfg.data.collection,
-                                                 "variant": cfg.model.variant})
+    """Run metrics to the Pushgateway named by $PRVR_PUSHGATEWAY (a no-op without it), with
+    prvr_run_last_success_timestamp_seconds: called only when a stage succeeded, and a failed
+    run pushes nothing, so the alert on a stale pipeline (deploy/prometheus/alerts.yaml) sees
+    the last success."""
+    return push_run_metrics(job, {**values, LAST_SUCCESS: time.time()},
+                            labels={"collection": cfg.data.collection, "variant": cfg.model.variant})
 
 
 def _writable(folder: Path) -> bool:
@@ -181,7 +184,8 @@ def _text_features(coll: Collection, out_dir: Path, cfg: Config, encoder: Any,
     if coll.has_text_features:
         if source != "encoder":
             return coll, False
-        name = encoder.name if encoder is not None else encoder_identifier(cfg.text.encoder, cfg.text.precision)
+        name = encoder.name if encoder is not None else encoder_identifier(cfg.text.encoder, cfg.text.precision,
+                                                                           cfg.text.quantize)
         if coll.text_encoder == name:
             return coll, False
         target = out_dir / target.name
@@ -331,7 +335,7 @@ _RESUME_FILES = (RESUME_JSON, "model.pt", "last.pt")   # pulled in this order: l
 
 def _mirror(cfg: Config) -> Mirror | None:
     uri = cfg.train.checkpoint_uri
-    return Mirror(uri, cfg.registry.endpoint_url) if uri else None
+    return Mirror(uri, cfg.registry.endpoint_url, cfg.registry) if uri else None
 
 
 def _prepare_mirrored_run_dir(out_dir: Path, fingerprint: str, resume: bool, cfg: Config) -> None:
@@ -570,7 +574,7 @@ def register_step(model_dir: str | Path, metrics: Mapping[str, Any] | str | Path
         files["index"] = index_dir
     uri = registry_uri or cfg.registry.uri
     margin = cfg.registry.promotion_margin if margin is None else float(margin)
-    registry = Registry(uri, endpoint_url=endpoint_url or cfg.registry.endpoint_url)
+    registry = Registry(uri, endpoint_url=endpoint_url or cfg.registry.endpoint_url, settings=cfg.registry)
     judge = _production_judge(registry, cfg.registry.model_name, data_path, cfg, metrics, margin)
     decision = registry.register_if_better(cfg.registry.model_name, files, metrics,
                                            params=_trained_config(checkpoint), margin=margin,

@@ -38,12 +38,24 @@ class Preset:
     frames: tuple[int, int, int]    # min, median, max frames per video
     queries: tuple[int, int]        # queries per video, inclusive range
     feature: str                    # FeatureData/<feature>
+    noise_std: float = 0.6          # per-frame feature noise
+    share: tuple[float, float] = (0.6, 0.7)   # chance an event keeps the main character / place
+    distractors: int = 1            # tries per video at a one-attribute copy of an earlier event
+    mutate: float = 0.5             # chance of each try
+    moments: tuple[float, float, float] = (0.6, 0.28, 0.12)  # short / medium / long event mix
+    short: tuple[float, float] = (0.03, 0.2)  # a short event's share of its video
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset({"train": 80, "val": 20, "test": 30}, 64, (20, 50, 120), (3, 5), "synth_feat"),
     "small": Preset({"train": 800, "val": 150, "test": 300}, 512, (20, 60, 200), (3, 5), "synth_feat"),
     "tvr-like": Preset({"train": 5000, "val": 500, "test": 1000}, 3072, (20, 50, 160), (5, 5), "i3d_resnet"),
+    # Where the variants separate: longer videos whose moments are mostly very short, noisier
+    # frames, and several distractor events per video that share actor, action or place
+    # with an earlier video's event (only one attribute differs).
+    "hard": Preset({"train": 800, "val": 150, "test": 300}, 512, (40, 120, 300), (3, 5), "synth_feat",
+                   noise_std=1.0, share=(0.8, 0.85), distractors=3, mutate=0.8,
+                   moments=(0.8, 0.15, 0.05), short=(0.02, 0.1)),
 }
 
 # Each attribute value: a list of synonyms. Actions are (3rd person, -ing) pairs.
@@ -94,11 +106,8 @@ LATENT = 16           # embedding size per attribute; an event code is 4 x LATEN
 HIDDEN = 256          # the feature map's hidden width
 FRAME_JITTER = 0.35   # per-frame variation of the latent code within an event
 STYLE_STD = 0.5       # per-video offset (camera, lighting), same for all its frames
-NOISE_STD = 0.6       # per-frame feature noise
-SHARE_WHO = 0.6       # chance an event keeps the video's main character
-SHARE_PLACE = 0.7     # chance an event happens at the video's main place
 FRAME_BATCH = 8192    # frames mapped per matmul
-MUTATE = 0.5          # chance a video holds a one-attribute mutation of another video's event
+FRAME_SECONDS = 1.5   # each feature vector stands for 1.5 s of video (as in the TVR release)
 
 
 def _article(noun: str, definite: bool) -> str:
@@ -120,10 +129,11 @@ def _sentence(event: tuple[int, int, int, int], rng: np.random.Generator) -> str
     return text[0].upper() + text[1:] + "."
 
 
-def _layout(num_frames: int, num_events: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+def _layout(num_frames: int, num_events: int, preset: Preset,
+            rng: np.random.Generator) -> list[tuple[int, int]]:
     """[start, end) frames of each event: TVR-like spread, mostly short (M/V < 0.2), some long."""
-    kind = rng.choice(3, size=num_events, p=[0.6, 0.28, 0.12])
-    frac = np.where(kind == 0, rng.uniform(0.03, 0.2, num_events),
+    kind = rng.choice(3, size=num_events, p=list(preset.moments))
+    frac = np.where(kind == 0, rng.uniform(*preset.short, num_events),
                     np.where(kind == 1, rng.uniform(0.2, 0.5, num_events), rng.uniform(0.5, 0.9, num_events)))
     if frac.sum() > 0.9:
         frac *= 0.9 / frac.sum()
@@ -144,7 +154,8 @@ def _layout(num_frames: int, num_events: int, rng: np.random.Generator) -> list[
 class _World:
     """Fixed random attribute embeddings and feature map for one seed."""
 
-    def __init__(self, rng: np.random.Generator, video_dim: int):
+    def __init__(self, rng: np.random.Generator, video_dim: int, noise_std: float):
+        self.noise_std = noise_std
         self.embed = [rng.standard_normal((len(v), LATENT)).astype(np.float32) for v in VOCAB]
         width = LATENT * len(VOCAB)
         self.w1 = (rng.standard_normal((width, HIDDEN)) * 1.5 / np.sqrt(width)).astype(np.float32)
@@ -166,14 +177,15 @@ class _World:
         feats = np.tanh(z @ self.w1 + self.b1) @ self.w2
         style = STYLE_STD * rng.standard_normal((len(codes), self.w2.shape[1]), dtype=np.float32)
         feats += np.repeat(style, [len(c) for c in codes], axis=0)
-        feats += NOISE_STD * rng.standard_normal(feats.shape, dtype=np.float32)
+        feats += self.noise_std * rng.standard_normal(feats.shape, dtype=np.float32)
         return feats.astype("<f4")
 
 
-def _random_event(rng: np.random.Generator, who: int, place: int) -> tuple[int, int, int, int]:
-    return (who if rng.random() < SHARE_WHO else int(rng.integers(len(WHO))),
+def _random_event(rng: np.random.Generator, who: int, place: int,
+                  share: tuple[float, float]) -> tuple[int, int, int, int]:
+    return (who if rng.random() < share[0] else int(rng.integers(len(WHO))),
             int(rng.integers(len(ACTIONS))), int(rng.integers(len(OBJECTS))),
-            place if rng.random() < SHARE_PLACE else int(rng.integers(len(PLACES))))
+            place if rng.random() < share[1] else int(rng.integers(len(PLACES))))
 
 
 def _video_length(preset: Preset, rng: np.random.Generator) -> int:
@@ -183,30 +195,33 @@ def _video_length(preset: Preset, rng: np.random.Generator) -> int:
 
 def _video(preset: Preset, world: _World, past_events: list[tuple[int, int, int, int]],
            rng: np.random.Generator) -> tuple[int, list[tuple[int, int, int, int]], list[tuple[int, int]],
-                                              np.ndarray]:
-    """One video: its length, events, their [start, end) frames and per-frame latent codes."""
+                                              np.ndarray, str]:
+    """One video: its length, events, their [start, end) frames, per-frame latent codes and a
+    title naming its main character and place."""
     num_frames = _video_length(preset, rng)
     num_events = int(rng.integers(2, 6))
     who, place = int(rng.integers(len(WHO))), int(rng.integers(len(PLACES)))
-    events = [_random_event(rng, who, place) for _ in range(num_events)]
-    if past_events and rng.random() < MUTATE:     # a hard distractor for an earlier video
-        copy = list(past_events[rng.integers(len(past_events))])
-        slot = int(rng.integers(4))
-        copy[slot] = (copy[slot] + 1 + int(rng.integers(len(VOCAB[slot]) - 1))) % len(VOCAB[slot])
-        events[int(rng.integers(num_events))] = tuple(copy)
+    events = [_random_event(rng, who, place, preset.share) for _ in range(num_events)]
+    for _ in range(preset.distractors):
+        if past_events and rng.random() < preset.mutate:   # a hard distractor for an earlier video
+            copy = list(past_events[rng.integers(len(past_events))])
+            slot = int(rng.integers(4))
+            copy[slot] = (copy[slot] + 1 + int(rng.integers(len(VOCAB[slot]) - 1))) % len(VOCAB[slot])
+            events[int(rng.integers(num_events))] = tuple(copy)
     past_events.extend(events)
-    spans = _layout(num_frames, num_events, rng)
+    spans = _layout(num_frames, num_events, preset, rng)
     background = world.background + 0.7 * rng.standard_normal(world.background.shape, dtype=np.float32)
     codes = np.repeat(background[None], num_frames, axis=0)
     for event, (s, e) in zip(events, spans):
         codes[s:e] = world.code(event)
-    return num_frames, events, spans, codes
+    title = f"{_article(WHO[who][0], False)} {PLACES[place][0]}"
+    return num_frames, events, spans, codes, title[0].upper() + title[1:]
 
 
 def _write_collection(folder: Path, collection: str, preset_name: str, seed: int) -> None:
     preset = PRESETS[preset_name]
     rng = np.random.default_rng(seed)
-    world = _World(rng, preset.video_dim)
+    world = _World(rng, preset.video_dim, preset.noise_std)
     feature_rng = np.random.default_rng([seed, 1])   # own stream: batching never shifts the layout's
     pending: list[np.ndarray] = []
     feat_dir = folder / "FeatureData" / preset.feature
@@ -216,6 +231,7 @@ def _write_collection(folder: Path, collection: str, preset_name: str, seed: int
     ids: list[str] = []
     video2frames: dict[str, list[str]] = {}
     moments: list[dict[str, Any]] = []
+    infos: list[dict[str, Any]] = []
     past_events: list[tuple[int, int, int, int]] = []
     index = 0
     with open(feat_dir / "feature.bin", "wb") as bin_file:
@@ -224,7 +240,9 @@ def _write_collection(folder: Path, collection: str, preset_name: str, seed: int
             for _ in range(preset.videos[split]):
                 video_id = f"video{index:06d}"
                 index += 1
-                num_frames, events, spans, codes = _video(preset, world, past_events, rng)
+                num_frames, events, spans, codes, title = _video(preset, world, past_events, rng)
+                infos.append({"video_id": video_id, "title": title,
+                              "duration_s": round(num_frames * FRAME_SECONDS, 3)})
                 pending.append(codes)
                 if sum(len(c) for c in pending) >= FRAME_BATCH:
                     bin_file.write(world.frames(pending, feature_rng).tobytes())
@@ -247,6 +265,7 @@ def _write_collection(folder: Path, collection: str, preset_name: str, seed: int
     (feat_dir / "shape.txt").write_text(f"{len(ids)} {preset.video_dim}\n")
     (feat_dir / "video2frames.txt").write_text(repr(video2frames) + "\n")
     (folder / "moments.jsonl").write_text("".join(json.dumps(m) + "\n" for m in moments))
+    (folder / "videos.jsonl").write_text("".join(json.dumps(i) + "\n" for i in infos))
     (folder / "synth.json").write_text(json.dumps({"generator": "prvr.synth", "preset": preset_name,
                                                    "seed": seed}) + "\n")
 

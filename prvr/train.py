@@ -6,6 +6,11 @@ again resumes from the last complete epoch and ends where an uninterrupted run
 would, because every epoch's randomness is seeded from (seed, epoch).
 The best epoch by validation SumR of the fused score is kept as ``model.pt``.
 
+Data-parallel (torchrun) training computes the one-process loss: every rank takes part in
+every step, encodes its contiguous share of the global batch (a rank left without videos
+encodes a stand-in whose rows are dropped), gathers all ranks' embeddings and computes the
+whole batch's loss, negatives drawn from the same generator; see `train_batch`.
+
 Usage::
 
     result = train(load_config(), "data/synth", "runs/train")   # -> {"best_sumr": ..., ...}
@@ -34,11 +39,11 @@ from prvr.config import Config
 from prvr.encoding import TextSource, VideoSource
 from prvr.errors import DataError
 from prvr.evaluate import evaluate_model
-from prvr.model import PRVRModel
+from prvr.model import PRVRModel, VideoEmbeddings, training_scores
 from prvr.views import collate_queries
 
 __all__ = ["train", "triplet_loss", "infonce_loss", "compute_loss", "build_optimizer",
-           "lr_at", "setup", "train_batch", "end_epoch", "Step", "Run", "EpochStats"]
+           "lr_at", "setup", "train_batch", "end_epoch", "Encoders", "Step", "Run", "EpochStats"]
 
 
 # --------------------------------------------------------------------------- #
@@ -129,6 +134,20 @@ def lr_at(step: int, total_steps: int, cfg: Config) -> float:
 # --------------------------------------------------------------------------- #
 # What a run holds
 # --------------------------------------------------------------------------- #
+class Encoders(torch.nn.Module):
+    """The model's two encoders in one forward: what DDP wraps, so gradients sync through it
+    while the scores are computed from the embeddings of every rank."""
+
+    def __init__(self, model: PRVRModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor, units: torch.Tensor,
+                frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, VideoEmbeddings]:
+        q = self.model.encode_queries(tokens, token_mask)                 # (Q, H)
+        return q, self.model.encode_videos(units, frames, frame_mask)     # clips/attended (V, K, H)
+
+
 @dataclass
 class Step:
     """What one optimisation step needs; a benchmark can build one directly and time the real step."""
@@ -138,18 +157,22 @@ class Step:
     videos: VideoSource                  # views of the training videos
     queries_of: dict[str, list[str]]     # training video -> its cap_ids
     model: PRVRModel
-    net: torch.nn.Module                 # the model, or its DDP wrapper (gradients sync through it)
+    net: torch.nn.Module                 # Encoders(model) or its DDP wrapper; a bare model is wrapped
     optimizer: torch.optim.Optimizer
     total_steps: int                     # for the lr schedule
     state: dict[str, Any]                # train_batch reads "step", "lr_scale"; advances "step"
     amp: bool                            # bfloat16 autocast (CUDA only)
+    rank: int = 0                        # this process among `world` (torchrun)
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.net, PRVRModel):   # one process (benchmarks build a Step so)
+            self.net = Encoders(self.net)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run(Step):
-    """A whole run: a Step plus ranks, data splits, output paths and logging (set up once)."""
-    rank: int
-    world: int
+    """A whole run: a Step plus data splits, output paths and logging (set up once)."""
     collection: Collection
     train_videos: list[str]
     val_videos: list[str]
@@ -174,7 +197,7 @@ class Run(Step):
 
 @dataclass
 class EpochStats:
-    """This rank's totals for one epoch: the logged loss and throughput come from these."""
+    """One epoch's totals over whole (global) batches: the logged loss and throughput come from these."""
     loss_sum: float = 0.0
     batches: int = 0
     videos: int = 0
@@ -330,16 +353,17 @@ def setup(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool 
     torch.manual_seed(cfg.train.seed)
     model = PRVRModel(cfg.model).to(device)
     run = Run(cfg=cfg, device=device, texts=texts, videos=videos, queries_of=queries_of,
-              model=model, net=model, optimizer=build_optimizer(model, cfg),
+              model=model, net=Encoders(model), optimizer=build_optimizer(model, cfg),
               total_steps=math.ceil(len(train_videos) / cfg.train.batch_size) * cfg.train.epochs,
               state=_new_state(), amp=cfg.train.amp and device.type == "cuda", rank=rank,
               world=world, collection=collection, train_videos=train_videos,
               val_videos=val_videos, val_captions=val_captions, val_source=val_source,
               out_dir=out_dir, live=None)
     resumed = resume and _restore(run)
-    if world > 1:
+    if world > 1:   # buffers are fixed tables built from the config: no per-step broadcast
         run.net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            run.net, device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False)
     if run.is_main:
         run.live = Live(str(out_dir / "dvclive"), resume=resumed, save_dvc_exp=False,
                         dvcyaml=None, report=None)
@@ -353,24 +377,87 @@ def train_batch(step: Step, batch_videos: list[str], hard: bool,
                 gen: torch.Generator) -> tuple[float, int]:
     """One optimisation step on these videos and all their queries: (loss, number of queries).
 
+    Under torchrun every rank passes the same (global) batch and encodes only its share;
+    the loss is then the one-process loss of the whole batch on every rank (`_gather`).
     `gen` also draws the loss's negatives, so runs repeat only if it is used in the same order."""
     cfg, device, state = step.cfg, step.device, step.state
-    cap_ids = [c for v in batch_videos for c in step.queries_of[v]]
+    shares = _shares(batch_videos, step.world)
+    encoded = [share or batch_videos[:1] for share in shares]  # an empty share: a stand-in, dropped
+    mine = encoded[step.rank]
+    cap_ids = [c for v in mine for c in step.queries_of[v]]
     labels = torch.tensor([i for i, v in enumerate(batch_videos) for _ in step.queries_of[v]],
                           device=device)
-    vb = step.videos.batch(batch_videos).to(device)
+    vb = step.videos.batch(mine).to(device)
     tokens, tmask = collate_queries(step.texts.get(cap_ids), cfg.model.max_desc_len)
     for group in step.optimizer.param_groups:
         group["lr"] = lr_at(state["step"], step.total_steps, cfg) * state["lr_scale"]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=step.amp):
-        out = step.net(tokens.to(device), tmask.to(device), vb.units, vb.frames, vb.frame_mask)
+        q, v = step.net(tokens.to(device), tmask.to(device), vb.units, vb.frames, vb.frame_mask)
+        clips, attended = v.clips, v.attended
+        if step.world > 1:
+            sizes = [_sizes(share, step.queries_of) for share in shares]
+            padded = [_sizes(share, step.queries_of) for share in encoded]
+            q, clips, attended = _gather(q, clips, attended, sizes, padded)
+        out = training_scores(q, clips, attended)
         loss, _ = compute_loss({k: v.float() for k, v in out.items()}, labels, cfg, hard, gen)
     step.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(step.model.parameters(), cfg.train.grad_clip)
     step.optimizer.step()
     state["step"] += 1
-    return loss.item(), len(cap_ids)
+    return loss.item(), len(labels)
+
+
+def _shares(videos: list[str], world: int) -> list[list[str]]:
+    """Contiguous, near-equal shares of a batch, one per rank, in batch order (empty when
+    the batch has fewer videos than ranks)."""
+    size, extra = divmod(len(videos), world)
+    starts = [r * size + min(r, extra) for r in range(world + 1)]
+    return [videos[starts[r]:starts[r + 1]] for r in range(world)]
+
+
+def _sizes(videos: list[str], queries_of: dict[str, list[str]]) -> tuple[int, int]:
+    """(queries, videos) of a share."""
+    return sum(len(queries_of[v]) for v in videos), len(videos)
+
+
+class _AllGather(torch.autograd.Function):
+    """Every rank's (n,) tensor stacked (world, n); the gradient goes back to its rank.
+
+    Every rank computes the same loss from the same gathered tensor, so the sum over ranks
+    of d loss / d(this rank's part), what a reduce-scatter would deliver, is world times the
+    local one: no communication is needed, and DDP's average over ranks of the parameter
+    gradients then equals the gradient of the one-process loss."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, flat.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad[dist.get_rank()] * dist.get_world_size()
+
+
+def _gather(q: torch.Tensor, clips: torch.Tensor, attended: torch.Tensor,
+            sizes: list[tuple[int, int]],
+            padded: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All ranks' query (Q, H) and video (V, K, H) embeddings in batch order, in one all-gather.
+
+    Shares differ in size, so each rank pads its part to the largest encoded one (`padded`,
+    known to every rank) and the first `sizes[r]` rows of rank r's part are kept."""
+    max_q, max_v = max(p[0] for p in padded), max(p[1] for p in padded)
+    world, (_, K, H) = len(sizes), clips.shape
+    video = torch.stack([clips.float(), attended.float()])                 # (2, V, K, H)
+    flat = torch.cat([F.pad(q.float(), (0, 0, 0, max_q - len(q))).flatten(),
+                      F.pad(video, (0, 0, 0, 0, 0, max_v - video.shape[1])).flatten()])
+    parts = _AllGather.apply(flat)                                         # (world, n)
+    qs, vs = parts.split([max_q * H, 2 * max_v * K * H], 1)
+    qs, vs = qs.reshape(world, max_q, H), vs.reshape(world, 2, max_v, K, H)
+    q_all = torch.cat([qs[r, :n_q] for r, (n_q, _) in enumerate(sizes)])   # (Q, H)
+    v_all = torch.cat([vs[r, :, :n_v] for r, (_, n_v) in enumerate(sizes)], 1)  # (2, V, K, H)
+    return q_all, v_all[0], v_all[1]
 
 
 def end_epoch(run: Run, epoch: int, snapshot: tuple[dict, dict, dict], stats: EpochStats) -> None:
@@ -415,8 +502,8 @@ def _record_epoch(run: Run, epoch: int, val: dict, stats: EpochStats) -> None:
     sumr = val["fused"]["sumr"]
     record = {"epoch": epoch, "loss": stats.loss_sum / max(stats.batches, 1), "val_sumr": sumr,
               "val_r1": val["fused"]["r1"], "query_spread": val["query_spread"],
-              "videos_per_s": stats.videos * run.world / max(stats.elapsed, 1e-9),
-              "queries_per_s": stats.queries * run.world / max(stats.elapsed, 1e-9),
+              "videos_per_s": stats.videos / max(stats.elapsed, 1e-9),
+              "queries_per_s": stats.queries / max(stats.elapsed, 1e-9),
               "lr_scale": state["lr_scale"]}
     state["history"].append(record)
     if sumr > state["best_sumr"]:
@@ -491,8 +578,9 @@ def _train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool
     while run.state["epoch"] < t.epochs and run.state["bad_epochs"] < t.patience:
         epoch = run.state["epoch"] + 1
         snapshot = _snapshot(run)
-        # every epoch's randomness comes from (seed, epoch[, restarts]): what makes resume exact
-        torch.manual_seed(t.seed * 1000 + epoch * 7 + run.state["restarts"])
+        # every epoch's randomness comes from (seed, epoch[, restarts]): what makes resume exact;
+        # each rank its own dropout masks, the same order and negatives (gen) on every rank
+        torch.manual_seed(t.seed * 1000 + epoch * 7 + run.state["restarts"] + (run.rank << 32))
         gen = torch.Generator().manual_seed(t.seed * 1000 + epoch)  # the order, then loss negatives
         order = [run.train_videos[i]
                  for i in torch.randperm(len(run.train_videos), generator=gen).tolist()]
@@ -501,10 +589,8 @@ def _train(cfg: Config, data_path: str | Path, out_dir: str | Path, resume: bool
         stats = EpochStats()
         bar = tqdm(range(0, len(order), t.batch_size), desc=f"epoch {epoch}",
                    disable=not (progress and run.is_main), leave=False, file=sys.stderr)
-        for start in bar:
-            batch_videos = order[start:start + t.batch_size][run.rank::run.world]
-            if not batch_videos:
-                continue
+        for start in bar:   # every rank takes every step, however few videos the batch has
+            batch_videos = order[start:start + t.batch_size]
             loss, n_queries = train_batch(run, batch_videos, hard, gen)
             stats.add(loss, len(batch_videos), n_queries)
             bar.set_postfix(loss=f"{stats.loss_sum / stats.batches:.4f}",

@@ -6,14 +6,17 @@ the Dockerfile install through it, torch always at 2.13.0.
 from __future__ import annotations
 
 import importlib
-import os
+import json
 import re
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -163,57 +166,196 @@ def test_dockerfile_hadolint_clean():
         f"hadolint:\n{proc.stdout}{proc.stderr}"
 
 
-def test_dockerfile_installs_from_lock_with_pinned_torch():
-    text = DOCKERFILE.read_text()
-    joined = re.sub(r"\\\n\s*", " ", text)  # join continuation lines
-    installs = [line for line in joined.splitlines() if "pip install" in line]
-    assert installs
-    for line in installs:
-        assert "-c requirements.lock" in line or "-r requirements.lock" in line, line
-    assert any(TORCH_PIN in line.split() for line in installs)
-    assert "COPY requirements.lock" in text
+class Stage(NamedTuple):
+    name: str
+    base: str                               # the FROM image, or an earlier stage's name
+    instructions: list[tuple[str, str]]     # (INSTRUCTION, arguments) in order
 
 
-def test_dockerfile_stages_and_runtime():
-    text = DOCKERFILE.read_text()
-    froms = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.M | re.I)
-    stages = {alias for _, alias in froms if alias}
-    assert {"components", "serving"} <= stages
-    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M).group(1)
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", base), base
-    serving = text.split("AS serving", 1)[1]
-    assert "openjdk-17-jre-headless" in serving
-    assert re.search(r"^EXPOSE 8080 8081 8082$", serving, re.M)
-    # `prvr serve` starts TorchServe with serving/config.properties (loopback) and opens only
-    # inference and metrics to the pod network; management stays on the loopback.
-    cmd = re.search(r"^CMD (\[.*?\])\s*$", serving, re.M | re.S).group(1)
-    assert '"prvr", "serve", "--foreground"' in cmd
-    assert "inference_address=http://0.0.0.0:8080" in cmd and "management_address" not in cmd
-    users = re.findall(r"^USER (\S+)", text, re.M)
-    assert users and users[-1] not in ("root", "0", "0:0"), "images must not run as root"
+def dockerfile_stages(text: str) -> tuple[dict[str, str], dict[str, Stage]]:
+    """Global ARG defaults and the stages of a Dockerfile, by name: comments dropped,
+    continuation lines joined, instructions upper-cased (a small parser, enough for ours)."""
+    logical, current = [], ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        current += line.rstrip()[:-1] + " " if line.rstrip().endswith("\\") else line
+        if not line.rstrip().endswith("\\"):
+            logical.append(current.strip())
+            current = ""
+    global_args: dict[str, str] = {}
+    stages: dict[str, Stage] = {}
+    stage: Stage | None = None
+    for line in logical:
+        op, _, rest = line.partition(" ")
+        op, rest = op.upper(), re.sub(r"\s+", " ", rest.strip())
+        if op == "FROM":
+            m = re.fullmatch(r"(\S+) AS (\S+)", rest, re.I)
+            if not m:
+                raise ValueError(f"every stage is named: FROM {rest}")
+            stage = stages[m.group(2)] = Stage(m.group(2), m.group(1), [])
+        elif stage is None:
+            if op != "ARG":
+                raise ValueError(f"only ARG before the first FROM, got {op}")
+            name, _, default = rest.partition("=")
+            global_args[name] = default
+        else:
+            stage.instructions.append((op, rest))
+    return global_args, stages
+
+
+def target_chain(stages: dict[str, Stage], target: str) -> list[Stage]:
+    """The stages a target is built on, base first (FROM stage after FROM stage)."""
+    chain = [stages[target]]
+    while chain[0].base in stages:
+        chain.insert(0, stages[chain[0].base])
+    return chain
+
+
+def target_closure(stages: dict[str, Stage], target: str) -> list[Stage]:
+    """Every stage whose output reaches the target: its chain and, recursively, the stages
+    its COPY --from=... instructions copy from (those first)."""
+    out: list[Stage] = []
+    for stage in target_chain(stages, target):
+        for op, args in stage.instructions:
+            m = re.match(r"--from=(\S+)", args) if op == "COPY" else None
+            if m:
+                out += [s for s in target_closure(stages, m.group(1)) if s not in out]
+        if stage not in out:
+            out.append(stage)
+    return out
+
+
+def pip_installs(stages: list[Stage], global_args: dict[str, str]) -> list[list[str]]:
+    """Each `pip install` command of these stages' RUNs as argv, ${ARG}s replaced by their defaults."""
+    args = dict(global_args)
+    commands = []
+    for stage in stages:
+        for op, rest in stage.instructions:
+            if op == "ARG" and "=" in rest:
+                name, _, default = rest.partition("=")
+                args[name] = default
+            if op == "RUN":
+                for command in re.split(r"&&|;", rest):
+                    expanded = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), command)
+                    argv = shlex.split(expanded)
+                    if argv[:2] == ["pip", "install"]:
+                        commands.append(argv)
+    return commands
+
+
+TARGETS = {"components": "https://download.pytorch.org/whl/cpu",
+           "components-cuda": "https://download.pytorch.org/whl/cu128",
+           "serving": "https://download.pytorch.org/whl/cpu"}
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_dockerfile_target_installs_torch_then_the_package_through_the_lock(target):
+    """What lands in each image's /opt/venv: torch==2.13.0 alone from the PyTorch index of the
+    target's flavour, then the dependencies and the package, every pip call constrained by
+    requirements.lock, copied in before any install."""
+    global_args, stages = dockerfile_stages(DOCKERFILE.read_text())
+    assert target in stages, sorted(stages)
+    closure = target_closure(stages, target)
+    installs = pip_installs(closure, global_args)
+    assert len(installs) >= 3, installs
+    for argv in installs:
+        assert argv[argv.index("-c") + 1] == "requirements.lock", argv
+    torch_install, *package_installs = installs
+    assert torch_install[-1] == TORCH_PIN and "--no-deps" in torch_install
+    assert torch_install[torch_install.index("--index-url") + 1] == TARGETS[target]
+    assert all(argv[-1] == "." and "torch" not in " ".join(argv) for argv in package_installs), package_installs
+    copies = [rest.split() for stage in closure for op, rest in stage.instructions if op == "COPY"]
+    assert ["requirements.lock", "./"] in copies and ["pyproject.toml", "./"] in copies
+    assert ["prvr/", "prvr/"] in copies
+    from_context = [a for argv in copies if not argv[0].startswith("--from=") for a in argv[:-1]
+                    if not a.startswith("--")]
+    missing = [src for src in from_context if not (ROOT / src).exists()]
+    assert from_context and not missing, f"COPY of files not in the repository: {missing}"
+    chain = target_chain(stages, target)
+    assert chain[0].base == "${PYTHON_IMAGE}"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", global_args["PYTHON_IMAGE"])
+    assert any(op == "COPY" and rest.endswith("/opt/venv /opt/venv") for s in chain for op, rest in s.instructions)
+    users = [rest for stage in chain for op, rest in stage.instructions if op == "USER"]
+    assert users[-1] == "1000:1000", f"{target} must not run as root: {users}"
+
+
+def _last(chain: list[Stage], op: str) -> str:
+    return [rest for stage in chain for o, rest in stage.instructions if o == op][-1]
+
+
+def test_dockerfile_commands_run_the_real_cli():
+    """Each target's CMD is the installed console script with arguments prvr's own parser
+    accepts; serving opens inference and metrics (the ports it EXPOSEs) and keeps management
+    on the loopback of serving/config.properties, in folders the image creates."""
+    from prvr.cli.app import build_parser
+
+    _, stages = dockerfile_stages(DOCKERFILE.read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for target in ("components", "components-cuda"):
+        assert json.loads(_last(target_chain(stages, target), "CMD")) == ["prvr", "--help"]
+    chain = target_chain(stages, "serving")
+    cmd = json.loads(_last(chain, "CMD"))
+    assert cmd[0] in project["scripts"]
+    args = build_parser().parse_args(cmd[1:])
+    # no archive baked in: the registry's production version, pulled at start (prvr serve-registry)
+    assert (args.command, args.workdir, args.model_store) == ("serve-registry", "/app/run", "/app/model_store")
+    props = dict(line.split("=", 1) for line in (ROOT / "serving" / "config.properties").read_text().splitlines()
+                 if line.strip() and not line.startswith("#"))
+    overrides = dict(s.split("=", 1) for s in args.ts_set)
+    assert set(overrides) == {"inference_address", "metrics_address"} and set(overrides) <= set(props)
+    assert props["management_address"].startswith("http://127.0.0.1:")
+    ports = {int(url.rsplit(":", 1)[1]) for url in (overrides["inference_address"], overrides["metrics_address"],
+                                                   props["management_address"])}
+    assert all(url.startswith("http://0.0.0.0:") for url in overrides.values())
+    assert {int(p) for p in _last(chain, "EXPOSE").split()} == ports == {8080, 8081, 8082}
+    # /app is the working directory: serving/ (the handler's config.properties) lands in /app/serving
+    # (prvr.archive's SERVING for an installed package), and run/ and model_store/ are made there
+    assert _last(chain, "WORKDIR") == "/app"
+    assert ("COPY", "--chown=1000:1000 serving/ serving/") in chain[-1].instructions
+    mkdir = [rest for op, rest in chain[-1].instructions if op == "RUN" and rest.startswith("mkdir -p model_store")]
+    assert mkdir and {"model_store", "run"} <= set(mkdir[0].split("&&")[0].split()[2:])
+    assert "openjdk-17-jre-headless" in " ".join(rest for op, rest in chain[-1].instructions if op == "RUN")
     # the settings ship inside the package; the image copies no second params.yaml
-    assert "WORKDIR /app" in text and not re.search(r"^COPY .*params\.yaml", text, re.M)
+    assert not any(op == "COPY" and "params.yaml" in rest for s in stages.values() for op, rest in s.instructions)
 
 
-def test_dockerfile_cuda_components_for_the_train_task():
-    """components-cuda: the components image over the CUDA wheel of the same locked torch,
-    tagged as the compiled pipeline's train task expects (components/common.py CUDA_IMAGE)."""
-    text = DOCKERFILE.read_text()
-    joined = re.sub(r"\\\n\s*", " ", text)
-    stages = dict((alias, base) for base, alias in
-                  re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)", text, re.M | re.I))
-    assert {"components", "components-cuda", "builder", "builder-cuda"} <= set(stages)
-    assert stages["builder-cuda"] == "torch-cuda" and stages["builder"] == "torch-cpu"
-    cuda_stage = joined.split("AS torch-cuda", 1)[1].split("FROM ", 1)[0]
-    index = re.search(r"^ARG CUDA_TORCH_INDEX_URL=(\S+)$", cuda_stage, re.M).group(1)
-    assert index == "https://download.pytorch.org/whl/cu128"
-    torch_install = [line for line in cuda_stage.splitlines() if "pip install" in line]
-    assert len(torch_install) == 1 and '--index-url "${CUDA_TORCH_INDEX_URL}"' in torch_install[0]
-    assert TORCH_PIN in torch_install[0].split() and "-c requirements.lock" in torch_install[0]
-    assert "COPY --from=builder-cuda /opt/venv /opt/venv" in joined.split("AS components-cuda", 1)[1]
-    assert "ghcr.io/prvr/prvr:0.1.0-cu128" in text
-    common = (ROOT / "components" / "common.py").read_text()
-    assert 'DEFAULT_IMAGE = "ghcr.io/prvr/prvr:0.1.0"' in common and 'CUDA_IMAGE = f"{IMAGE}-cu128"' in common
+def test_cuda_image_tag_matches_the_pipeline():
+    """components-cuda is tagged as the compiled pipeline's train task expects."""
+    from components.common import CUDA_IMAGE, DEFAULT_IMAGE, IMAGE
+
+    header = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#   docker build")]
+    tags = dict(re.search(r"--target (\S+)\s+-t (\S+)", line).groups() for line in header)
+    assert tags["components"] == DEFAULT_IMAGE and tags["components-cuda"] == f"{DEFAULT_IMAGE}-cu128"
+    assert CUDA_IMAGE == f"{IMAGE}-cu128"                  # PRVR_IMAGE moves both tags together
+    assert set(tags) == set(TARGETS)
+
+
+# ------------------------------------------------------------------------------- wheel
+def test_wheel_ships_every_module_and_data_file(tmp_path):
+    """The built wheel holds every file of prvr/ (subpackages, params.yaml, static files), the
+    console script and no tests: built from a copy so the checkout gets no build/ folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", src)
+    shutil.copytree(ROOT / "prvr", src / "prvr", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                           "--no-cache-dir", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [wheel] = (tmp_path / "dist").glob("prvr-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    shipped = {n for n in names if n.startswith("prvr/")}
+    expected = {p.relative_to(src).as_posix() for p in (src / "prvr").rglob("*") if p.is_file()}
+    assert shipped == expected, (sorted(expected - shipped), sorted(shipped - expected))
+    assert "prvr/params.yaml" in shipped
+    packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "prvr").rglob("__init__.py")}
+    assert {"prvr/cli", "prvr/search", "prvr/serving", "prvr/registry"} <= packages
+    assert all(f"{pkg}/__init__.py" in shipped for pkg in packages)
+    assert "[console_scripts]\nprvr = prvr.cli:main" in entry_points
+    assert not any(n.startswith(("tests/", "components/", "pipelines/")) for n in names)
 
 
 def test_dockerignore_keeps_context_small():

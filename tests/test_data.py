@@ -230,3 +230,38 @@ def test_cli_check(toy_collection, monkeypatch, capsys):
     (toy_collection / FEAT / "shape.txt").write_text("3 3")
     assert _main(["data", "check", "--data", str(toy_collection)], monkeypatch) == 2
     assert "shape.txt" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- videos.jsonl
+def test_video_info_is_read_and_optional(toy_collection):
+    assert Collection(toy_collection).video_info == {}
+    _write(toy_collection, "videos.jsonl",
+           '{"video_id": "vidA", "title": "A kitchen", "duration_s": 12, "url": "https://x.org/a"}\n\n'
+           '{"video_id": "vidB"}\n')
+    info = Collection(toy_collection).video_info
+    assert list(info) == ["vidA", "vidB"]
+    assert (info["vidA"].title, info["vidA"].duration_s, info["vidA"].url) == ("A kitchen", 12.0,
+                                                                                "https://x.org/a")
+    assert (info["vidB"].title, info["vidB"].duration_s, info["vidB"].url) == (None, None, None)
+    assert Collection(toy_collection).check()["videos_described"] == 2
+
+
+@pytest.mark.parametrize("line, needle", [
+    ('{"video_id": "vidA", "duration_s": NaN}', "videos.jsonl:1: not a video record (duration_s"),
+    ('{"video_id": "vidA", "duration_s": -1}', "duration_s: Input should be greater than 0"),
+    ('{"video_id": "vidA", "duration_s": "12"}', "duration_s"),
+    ('{"video_id": "vidA", "url": "javascript:alert(1)"}', "url must start with http"),
+    ('{"video_id": "vidA", "colour": "red"}', "colour: Extra inputs are not permitted"),
+    ('{"video_id": 7}', "video_id: Input should be a valid string"),
+    ('{"video_id": "vidA", "title": "' + "t" * 501 + '"}', "title: String should have at most 500"),
+    ('["vidA"]', "not a video record"),
+    ('{"video_id": "vidA"', "not JSON (JSONDecodeError)"),
+    ("[" * 100000, "not JSON (RecursionError)"),
+    ('{"video_id": "vidA"}\n{"video_id": "vidA"}', "videos.jsonl:2: video 'vidA' is listed twice"),
+    ('{"video_id": "nope"}', "lists videos the features do not hold: 'nope'"),
+])
+def test_bad_video_info_is_a_clear_data_error(toy_collection, line, needle):
+    _write(toy_collection, "videos.jsonl", line + "\n")
+    with pytest.raises(DataError) as info:
+        Collection(toy_collection).video_info
+    assert needle in str(info.value) and len(str(info.value)) < 600, str(info.value)

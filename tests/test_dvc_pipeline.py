@@ -4,6 +4,7 @@ and never promotes: `prvr registry promote` does), a second one runs nothing, an
 train.lr reruns train and what follows but never synth or encode_text."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -38,10 +39,33 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 240) -> str:
+def _proc(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """A command that must succeed."""
     proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}"
+    return proc
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 240) -> str:
+    proc = _proc(args, cwd, timeout)
+    return proc.stdout + proc.stderr
+
+
+def _json(args: list[str], cwd: Path):
+    """A `--json` command's stdout alone (DVC writes its notices to stderr), parsed."""
+    return json.loads(_proc(args, cwd).stdout)
+
+
+def _scalar_leaves(tree: dict) -> dict:
+    """A metrics file as `dvc metrics show` has it: its numbers, strings and booleans (lists,
+    nulls and whatever holds nothing else are left out)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _scalar_leaves(value)
+        if isinstance(value, (str, int, float)) or (isinstance(value, dict) and value):
+            out[key] = value
     return out
 
 
@@ -100,6 +124,8 @@ def test_repro_chain_then_nothing_then_only_downstream_of_train(dvc_repo: Path) 
     # register (--no-promote): the candidate is on record with the decision; production never moves
     decision = json.loads((repo / "runs/register/decision.json").read_text())
     assert not decision["promoted"] and decision["version"] == "v0001" and decision["outcome"] == "held"
+    first_candidate = decision["candidate"]
+    assert first_candidate == pytest.approx(metrics["fused"]["sumr"])
     assert "promotion is explicit here: prvr registry promote --version v0001" in decision["reason"]
     model = repo / "registry/models/prvr-mssl-pp"
     assert json.loads((model / "v0001/manifest.json").read_text())["decision"]["outcome"] == "held"
@@ -109,26 +135,41 @@ def test_repro_chain_then_nothing_then_only_downstream_of_train(dvc_repo: Path) 
     _run(["prvr", "registry", "promote", "--params", "params.yaml", "--version", "v0001"], repo)
     assert json.loads((model / "production.json").read_text())["version"] == "v0001"
 
-    assert json.loads(_run([str(DVC), "status", "--json"], repo) or "{}") == {}
+    assert _json([str(DVC), "status", "--json"], repo) == {}
     second = _run([str(DVC), "repro"], repo)
     assert _ran(second) == set(), second[-3000:]
 
     _set_params(repo, {"train": {"lr": 1e-3}})
-    status = json.loads(_run([str(DVC), "status", "--json"], repo))
-    assert set(status) == {"train"}, status
+    status = _json([str(DVC), "status", "--json"], repo)
+    assert status == {"train": [{"changed deps": {"params.yaml": {"train.lr": "modified"}}}]}, status
     third = _run([str(DVC), "repro"], repo)
-    assert {"train", "evaluate", "register"} <= _ran(third), third[-3000:]
-    assert not {"synth", "encode_text"} & _ran(third), third[-3000:]
+    assert _ran(third) == {"train", "evaluate", "register"}, third[-3000:]
     decision = json.loads((repo / "runs/register/decision.json").read_text())
     assert decision["version"] == "v0002" and not decision["promoted"]
-    # the gate evaluated production v0001 on this test split; the pointer stays where it was
-    assert decision["production_version"] == "v0001" and decision["production"] is not None
+    # the gate evaluated production v0001 on this test split: the very score v0001 had as a candidate
+    assert decision["production_version"] == "v0001"
+    assert decision["production"] == pytest.approx(first_candidate, rel=1e-6)
     assert "promotion is explicit here: prvr registry promote --version v0002" in decision["reason"]
     assert json.loads((model / "production.json").read_text())["version"] == "v0001"
 
-    shown = json.loads(_run([str(DVC), "metrics", "show", "--json"], repo))
-    data = json.dumps(shown)
-    assert "metrics/test.json" in data and "sumr" in data
-    plots = json.loads(_run([str(DVC), "plots", "show", "--json"], repo))
-    names = json.dumps(plots)
-    assert "dvclive/plots/metrics" in names and "sumr_by_mv.png" in names
+    # what DVC shows is what the stages wrote
+    shown = _json([str(DVC), "metrics", "show", "--json"], repo)[""]["data"]
+    assert set(shown) == {"metrics/test.json", "runs/train/train_summary.json"}, shown
+    for path, entry in shown.items():
+        assert entry == {"data": _scalar_leaves(json.loads((repo / path).read_text()))}, path
+    plots = _json([str(DVC), "plots", "show", "--json"], repo)
+    assert "errors" not in plots, plots["errors"]
+    plots = plots["data"]
+    curves = sorted(str(p.relative_to(repo)) for p in (repo / "runs/train/dvclive/plots/metrics").rglob("*.tsv"))
+    images = ["runs/evaluate/plots/recall_at_k.png", "runs/evaluate/plots/sumr_by_mv.png"]
+    assert curves and set(plots) == set(curves) | set(images), sorted(plots)
+    for png in images:
+        [entry] = plots[png]
+        assert entry["type"] == "image" and Path(entry["url"]).read_bytes() == (repo / png).read_bytes()
+    for tsv in curves:
+        rows = list(csv.DictReader((repo / tsv).open(), delimiter="\t"))
+        column = Path(tsv).stem
+        [entry] = plots[tsv]
+        values = entry["content"]["data"]["values"]
+        assert entry["type"] == "vega" and len(rows) == 1, (tsv, rows)    # one epoch: one point
+        assert [(v["step"], v[column]) for v in values] == [(r["step"], r[column]) for r in rows], tsv

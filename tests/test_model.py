@@ -1,4 +1,5 @@
 """MS-SL++ model: clustering against a plain reference, the encode/score split, shapes, sizes."""
+import math
 import subprocess
 import sys
 
@@ -7,29 +8,27 @@ import torch
 import torch.nn.functional as F
 
 from prvr.config import ModelConfig, default_config
-from prvr.model import PRVRModel, kmedoids, score, sinusoidal_table, span_table
+from prvr.model import FeatureEncoder, PRVRModel, kmedoids, score, sinusoidal_table, span_table
 
 
 def reference_kmedoids(points: torch.Tensor, k: int, iters: int = 60, tol: float = 1e-5) -> list[int]:
-    """Obviously-correct k-medoids for one video: Python loops, explicit Euclidean distances."""
+    """Obviously-correct k-medoids for one video, as MS-SL++ specifies it: Python loops, explicit
+    Euclidean distances, KKZ seeding from the largest norm, ties to the lowest index."""
     n = len(points)
     d = [[float(torch.dist(points[i], points[j])) for j in range(n)] for i in range(n)]
-    medoids = [min(range(n), key=lambda i: sum(d[i]))]
+    norms = [float(p.norm()) for p in points]
+    medoids = [max(range(n), key=lambda i: (norms[i], -i))]
     while len(medoids) < k:
-        nearest = [min(d[i][m] for m in medoids) for i in range(n)]
+        nearest = [min(d[i][m] for m in medoids) if i not in medoids else -1.0 for i in range(n)]
         medoids.append(max(range(n), key=lambda i: (nearest[i], -i)))
     for _ in range(iters):
-        assign = [min(range(k), key=lambda c: (d[i][medoids[c]], c)) for i in range(n)]
-        old_cost = sum(d[i][medoids[assign[i]]] for i in range(n))
-        new = []
-        for c in range(k):
-            members = [i for i in range(n) if assign[i] == c]
-            new.append(min(members, key=lambda i: (sum(d[i][j] for j in members), i))
-                       if members else medoids[c])
-        new_cost = sum(min(d[i][m] for m in new) for i in range(n))
-        done = new == medoids or abs(old_cost - new_cost) <= tol * max(old_cost, 1e-12)
+        assign = [medoids.index(i) if i in medoids else min(range(k), key=lambda c: (d[medoids[c]][i], c))
+                  for i in range(n)]
+        new = [min((i for i in range(n) if assign[i] == c), key=lambda i: (
+            sum(d[i][j] for j in range(n) if assign[j] == c), i)) for c in range(k)]
+        shift = sum(d[a][b] for a, b in zip(new, medoids))
         medoids = new
-        if done:
+        if shift < tol:
             break
     return sorted(medoids)
 
@@ -37,8 +36,7 @@ def reference_kmedoids(points: torch.Tensor, k: int, iters: int = 60, tol: float
 def test_kmedoids_matches_reference():
     torch.manual_seed(0)
     pts = torch.randn(3, 40, 5, dtype=torch.float64)
-    dist = torch.cdist(pts, pts)
-    got = kmedoids(dist, 6)
+    got = kmedoids(torch.cdist(pts, pts), pts.norm(dim=-1), 6)
     for b in range(3):
         assert got[b].tolist() == reference_kmedoids(pts[b], 6)
 
@@ -46,7 +44,7 @@ def test_kmedoids_matches_reference():
 def test_kmedoids_medoids_are_distinct_points_and_sorted():
     torch.manual_seed(1)
     pts = torch.randn(2, 60, 3)
-    got = kmedoids(torch.cdist(pts, pts), 8)
+    got = kmedoids(torch.cdist(pts, pts), pts.norm(dim=-1), 8)
     for row in got:
         assert row.tolist() == sorted(set(row.tolist()))
 
@@ -60,7 +58,7 @@ def test_kmedoids_memory_is_not_batch_k_n_n():
         "x = torch.randn(64, 528, 16)\n"
         "d = torch.cdist(x, x)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "kmedoids(d, 32, iters=5)\n"
+        "kmedoids(d, x.norm(dim=-1), 32, iters=5)\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print((after - before) // 1024)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -109,8 +107,8 @@ def test_sinusoidal_table_is_fixed_and_distinct():
 
 
 def test_cluster_distances_equal_explicit_concatenation(model):
-    """The Gram-matrix shortcut gives the distances of explicit [span ; length] vectors, and the
-    medoids are k-medoids of those distances. (Medoids of float32 and float64 distances may differ
+    """The Gram-matrix shortcut gives the distances and norms of explicit [span ; length] vectors,
+    and the medoids are k-medoids of those. (Medoids of float32 and float64 distances may differ
     at near-ties, which CPUs break differently, so the medoids are compared on one matrix.)"""
     _, _, units, _, _ = _batch()
     with torch.no_grad():
@@ -119,12 +117,62 @@ def test_cluster_distances_equal_explicit_concatenation(model):
         lengths = model.spans[:, 1] - model.spans[:, 0] - 1
         explicit = torch.cat([spans, model.length_table[lengths].expand(len(units), -1, -1)], -1)
         want = torch.cdist(explicit.double(), explicit.double())
-        got = model.span_distances(enc)
+        got, norms = model.span_distances(enc)
         medoids = model.cluster_spans(enc)
     assert got.shape == want.shape == (len(units), 36, 36)
     assert torch.allclose(got.double(), want, atol=2e-3, rtol=1e-4), (got.double() - want).abs().max()
-    assert torch.equal(medoids, kmedoids(got, model.cfg.cluster_num, model.cfg.kmedoids_iters,
+    assert torch.allclose(norms.double(), explicit.double().norm(dim=-1), atol=1e-4, rtol=1e-5)
+    assert torch.equal(medoids, kmedoids(got, norms, model.cfg.cluster_num, model.cfg.kmedoids_iters,
                                          model.cfg.kmedoids_tol))
+
+
+def padded_reference(enc: FeatureEncoder, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The encoder written plainly: every layer over all B x L positions, padding included."""
+    norm, drop, linear, relu = enc.project
+    h = relu(linear(drop(norm(x))))
+    h = enc.pos_drop(enc.pos_norm(h + enc.position.weight[: x.shape[1]]))
+    a, (B, L, H) = enc.attention, h.shape
+    q, k, v = a.qkv(h).view(B, L, 3, a.heads, H // a.heads).permute(2, 0, 3, 1, 4)
+    att = (q @ k.transpose(-1, -2) / math.sqrt(H // a.heads)).masked_fill(
+        ~mask[:, None, None, :], torch.finfo(h.dtype).min)
+    y = (a.attn_drop(att.softmax(-1)) @ v).transpose(1, 2).reshape(B, L, H)
+    return a.norm(h + a.out_drop(a.out(y)))
+
+
+def test_feature_encoder_skips_padding_yet_equals_the_padded_forward():
+    """Training: the same outputs and gradients as the plain padded forward, from the same
+    dropout masks (the random stream ends where the plain forward's does); zeros at padding."""
+    torch.manual_seed(0)
+    enc = FeatureEncoder(24, 32, 20, 4, 0.1).train()
+    x = torch.randn(5, 20, 24, generator=torch.Generator().manual_seed(3))
+    mask = torch.arange(20)[None, :] < torch.tensor([20, 12, 3, 20, 7])[:, None]
+    results = []
+    for forward in (enc, lambda x, m: padded_reference(enc, x, m)):
+        torch.manual_seed(1)
+        out = forward(x, mask)
+        rng = torch.get_rng_state()
+        out[mask].square().sum().backward()
+        results.append((out.detach(), rng, {n: p.grad.clone() for n, p in enc.named_parameters()}))
+        enc.zero_grad(set_to_none=True)
+    (got, rng_got, grad_got), (want, rng_want, grad_want) = results
+    assert torch.equal(rng_got, rng_want)
+    assert torch.allclose(got[mask], want[mask], atol=1e-6), (got[mask] - want[mask]).abs().max()
+    assert torch.count_nonzero(got[~mask]) == 0
+    for name, g in grad_want.items():
+        assert torch.allclose(grad_got[name], g, atol=1e-6, rtol=1e-5), name
+    with torch.no_grad():   # the masks matter: without dropout the outputs are far apart
+        assert (enc.eval()(x, mask)[mask] - want[mask]).abs().max() > 0.1
+
+
+def test_video_embeddings_do_not_depend_on_batch_padding(model):
+    """A video padded to its batch mates' length encodes as it does alone."""
+    _, _, units, frames, fmask = _batch()
+    with torch.no_grad():
+        batch = model.encode_videos(units, frames, fmask)
+        alone = model.encode_videos(units[3:4], frames[3:4, :5], fmask[3:4, :5])
+    assert torch.equal(batch.spans[3], alone.spans[0])
+    assert torch.allclose(batch.clips[3], alone.clips[0], atol=1e-6)
+    assert torch.allclose(batch.attended[3], alone.attended[0], atol=1e-6)
 
 
 def test_score_equals_direct_per_pair_forward(model):

@@ -115,17 +115,16 @@ def test_resources_land_on_the_named_task_only(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- train only
-@pytest.mark.parametrize("gpus", [0, 2])
-def test_gpus_on_train_only_and_zero_means_no_accelerator(tmp_path: Path, gpus: int) -> None:
+@pytest.mark.parametrize("gpus, accelerator, image", [
+    (0, (None, None), IMAGE),                            # no CUDA build without a GPU
+    (2, ("nvidia.com/gpu", "2"), f"{IMAGE}-cu128")])
+def test_gpus_on_train_only_and_zero_means_no_accelerator(tmp_path: Path, gpus: int, accelerator, image) -> None:
     spec = _compile(tmp_path, gpus=gpus)
     containers = _containers(spec)
-    if gpus == 0:
-        assert "accelerator" not in (tmp_path / "p.yaml").read_text()
-        assert containers["exec-train"]["image"] == IMAGE           # no CUDA build without a GPU
-    else:
-        gpu = containers["exec-train"]["resources"]["accelerator"]
-        assert (gpu["resourceType"], gpu["resourceCount"]) == ("nvidia.com/gpu", "2")
-        assert containers["exec-train"]["image"] == f"{IMAGE}-cu128"
+    gpu = containers["exec-train"].get("resources", {}).get("accelerator", {})
+    assert (gpu.get("resourceType"), gpu.get("resourceCount")) == accelerator, gpu
+    assert ("accelerator" in (tmp_path / "p.yaml").read_text()) == (gpus > 0)
+    assert containers["exec-train"]["image"] == image
     assert all("resources" not in c for name, c in containers.items() if name != "exec-train")
     assert "platforms" not in spec
 

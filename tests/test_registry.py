@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from prvr.checkpoint import sha256_file
 from prvr.cli.registry import register_cli
+from prvr.config import RegistryConfig, default_config
 from prvr.errors import RegistryError
 from prvr.registry import Registry, resolve_metric
 
@@ -19,6 +21,12 @@ except ImportError:  # tests/ imported as a package
     from tests.helpers.servers import MotoS3, aws_test_env, free_port
 
 NAME = "prvr-test"
+MIB = 1 << 20
+
+
+def small_parts(**changes) -> RegistryConfig:
+    """Registry settings that send anything from 5 MiB (S3's smallest part) in 5 MiB parts."""
+    return default_config().registry.replace(multipart_threshold_mb=5, multipart_chunk_mb=5, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +47,8 @@ class Backend:
     def endpoint(self) -> str | None:
         return self.moto.endpoint if self.moto else None
 
-    def registry(self) -> Registry:
-        return Registry(self.uri, endpoint_url=self.endpoint)
+    def registry(self, settings: RegistryConfig | None = None) -> Registry:
+        return Registry(self.uri, endpoint_url=self.endpoint, settings=settings)
 
     def overwrite(self, key: str, data: bytes) -> None:
         """Replace a stored object behind the registry's back (bit rot, a bad actor)."""
@@ -126,6 +134,10 @@ def test_round_trip_with_checksums(backend, tmp_path):
     assert (out / "index" / "shard" / "ids.json").read_text() == (files["index"] / "shard" / "ids.json").read_text()
     assert json.loads((out / "manifest.json").read_text())["version"] == v
     assert not list(out.rglob(".tmp-*"))
+    (out / "model.pt").write_bytes(b"stale")                   # into an existing folder: files replaced,
+    (out / "notes.txt").write_text("mine")                     # other files left alone
+    assert reg.pull(NAME, v, dest=out) == out and (out / "model.pt").read_bytes() == files["model.pt"].read_bytes()
+    assert (out / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".tmp-*"))
     only = reg.pull(NAME, v, dest=tmp_path / "only", files=["model.pt"])
     assert sorted(p.name for p in only.rglob("*") if p.is_file()) == ["manifest.json", "model.pt"]
     with pytest.raises(RegistryError, match="has no weights.bin"):
@@ -166,6 +178,30 @@ def test_corrupted_file_is_refused_on_pull(backend, tmp_path):
     assert not (dest / "model.pt").exists()
 
 
+def test_truncated_object_fails_the_pull_and_leaves_the_destination_as_it_was(backend, tmp_path):
+    """The LAST file of the manifest is cut short: the files before it arrived intact, yet none
+    of them reaches dest; a dest holding another version keeps it whole."""
+    reg = backend.registry()
+    v1 = reg.register(NAME, make_model(tmp_path, "1"), metrics(1.0), {})
+    v2 = reg.register(NAME, make_model(tmp_path, "2"), metrics(2.0), {})
+    last = list(reg.show(NAME, v2)["files"])[-1]
+    key = f"models/{NAME}/{v2}/{last}"
+    backend.overwrite(key, backend.read(key)[:-7])
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RegistryError, match=f"{key} is corrupted: .* the manifest says"):
+        reg.pull(NAME, v2, dest=fresh)
+    assert not fresh.exists()
+
+    kept = reg.pull(NAME, v1, dest=tmp_path / "current")
+    before = {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    with pytest.raises(RegistryError, match=f"{last} is corrupted"):
+        reg.pull(NAME, v2, dest=kept)
+    assert {p.relative_to(kept): p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before
+    assert json.loads((kept / "manifest.json").read_text())["version"] == v1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == []
+
+
 @pytest.mark.parametrize("evil", ["../outside.txt", "/tmp/abs.txt", "index/../../x", "a//b", "manifest.json"])
 def test_tampered_manifest_paths_are_refused_before_anything_is_written(backend, tmp_path, evil):
     reg = backend.registry()
@@ -195,6 +231,118 @@ def test_upload_verification_catches_a_bad_store(backend, tmp_path):
     with pytest.raises(RegistryError, match="does not match the local file"):
         reg.register(NAME, make_model(tmp_path), metrics(1.0), {})
     assert reg.versions(NAME) == []
+
+
+# ----------------------------------------------------------------------------- large files (S3 multipart)
+def big_file(path: Path, size: int, seed: int = 0) -> Path:
+    """``size`` bytes that differ in every MiB (so a part swapped for another would show)."""
+    with open(path, "wb") as f:
+        for i in range(0, size, MIB):
+            f.write((f"{seed}:{i:012d}".encode() * (MIB // 14 + 1))[:min(MIB, size - i)])
+    return path
+
+
+@pytest.mark.integration
+def test_multipart_upload_and_ranged_download_round_trip(moto, tmp_path, monkeypatch):
+    aws_test_env(monkeypatch)
+    bucket = moto.new_bucket()
+    reg = Registry(f"s3://{bucket}/m", endpoint_url=moto.endpoint, settings=small_parts(max_concurrency=3))
+    big = big_file(tmp_path / "model.pt", 11 * MIB + 1234)          # parts of 5 + 5 + 1 MiB
+    small = tmp_path / "metrics.json"
+    small.write_text('{"sumr": 1.0}')
+    v = reg.register(NAME, {"model.pt": big, "metrics.json": small}, metrics(1.0), {})
+    head = moto.client().head_object(Bucket=bucket, Key=f"m/models/{NAME}/{v}/model.pt")
+    assert head["ETag"].strip('"').endswith("-3") and head["ContentLength"] == big.stat().st_size
+    assert "-" not in moto.client().head_object(Bucket=bucket, Key=f"m/models/{NAME}/{v}/metrics.json")["ETag"]
+    assert reg.show(NAME, v)["files"]["model.pt"] == {"sha256": sha256_file(big), "size": big.stat().st_size}
+    out = reg.pull(NAME, v, dest=tmp_path / "pulled")
+    assert (out / "model.pt").read_bytes() == big.read_bytes()
+    assert (out / "metrics.json").read_bytes() == small.read_bytes()
+
+
+@pytest.mark.integration
+def test_multipart_etag_check_catches_a_changed_part(moto, tmp_path, monkeypatch):
+    """Same size, one byte changed in the first part: the multipart ETag computed from the
+    local file no longer matches, so the version gets no manifest."""
+    aws_test_env(monkeypatch)
+    reg = Registry(f"s3://{moto.new_bucket()}/m", endpoint_url=moto.endpoint, settings=small_parts())
+    store = reg._store
+    original = store.upload
+
+    def lossy_upload(key, src, digest):
+        bad = tmp_path / "bad"
+        data = bytearray(src.read_bytes())
+        data[10] ^= 1
+        bad.write_bytes(bytes(data))
+        original(key, bad, digest)
+
+    store.upload = lossy_upload
+    with pytest.raises(RegistryError, match=r"model.pt does not match the local file \(ETag [0-9a-f]{32}-2 != "):
+        reg.register(NAME, {"model.pt": big_file(tmp_path / "model.pt", 6 * MIB)}, metrics(1.0), {})
+    assert reg.versions(NAME) == []
+
+
+# ----------------------------------------------------------------------------- retries
+class FlakyS3(ThreadingHTTPServer):
+    """An S3 endpoint on 127.0.0.1 that answers the first ``failures`` requests with 503
+    SlowDown (S3's throttling answer), then an empty ListObjectsV2 page; counts requests."""
+
+    def __init__(self, failures: int):
+        self.failures, self.requests = failures, 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(h):  # noqa: N805 - the handler, not the server
+                self.requests += 1
+                if self.requests <= self.failures:
+                    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                            b"<Message>Please reduce your request rate.</Message></Error>")
+                    h.send_response(503)
+                else:
+                    body = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
+                            b'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><KeyCount>0</KeyCount>'
+                            b"<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>")
+                    h.send_response(200)
+                h.send_header("Content-Type", "application/xml")
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body)
+
+            def log_message(h, *args):  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.mark.integration
+def test_s3_requests_are_retried_up_to_max_attempts(monkeypatch):
+    """registry.max_attempts counts every try, the first included, in either retry mode."""
+    aws_test_env(monkeypatch)
+    server = FlakyS3(failures=2)
+    try:
+        reg = Registry("s3://b/p", endpoint_url=server.endpoint,
+                       settings=default_config().registry.replace(max_attempts=3, retry_mode="standard"))
+        assert reg.versions(NAME) == [] and server.requests == 3         # two 503s, then the answer
+        server.requests = 0
+        reg = Registry("s3://b/p", endpoint_url=server.endpoint,
+                       settings=default_config().registry.replace(max_attempts=2, retry_mode="adaptive"))
+        with pytest.raises(RegistryError, match=r"listing prvr-test failed: SlowDown.*reached max retries: 1"):
+            reg.versions(NAME)
+        assert server.requests == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_transfer_settings_are_validated():
+    from prvr.config import ConfigError
+    with pytest.raises(ConfigError, match="registry.multipart_chunk_mb"):
+        default_config().registry.replace(multipart_chunk_mb=4)
+    with pytest.raises(ConfigError, match="registry.retry_mode"):
+        default_config().registry.replace(retry_mode="legacy-ish")
+    with pytest.raises(ConfigError, match="registry.max_attempts"):
+        default_config().registry.replace(max_attempts=0)
 
 
 # ----------------------------------------------------------------------------- pointer
@@ -361,11 +509,8 @@ def test_failure_mid_upload_leaves_registry_untouched(backend, tmp_path):
         with pytest.raises(RegistryError) as info:
             broken.register_if_better(NAME, make_model(tmp_path, "2"), metrics(150.0), {})
         msg = str(info.value)
-        assert "uploading" in msg and NAME in msg
-        if backend.moto:
-            assert backend.endpoint in msg and "Could not connect" in msg
-        else:
-            assert "No space left" in msg
+        cause = [backend.endpoint, "Could not connect"] if backend.moto else ["No space left"]
+        assert all(part in msg for part in ["uploading", NAME, *cause]), msg
     finally:
         backend.recover()
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from prvr.collection import Collection
 from prvr.config import Config, default_config, load_config
 from prvr.errors import CheckpointError, RequestError, SearchIndexError
 from prvr.model import PRVRModel, score
@@ -142,7 +143,7 @@ def test_valid_requests_parse():
 
 
 # --------------------------------------------------------------------------- answering
-def test_answer_schema_and_per_request_errors(retriever):
+def test_answer_schema_and_per_request_errors(art, retriever):
     answers = retriever.answer([
         Request({"query": "a man opens the fridge", "top_k": 3}),
         Request(b"{oops", "application/json"),
@@ -158,9 +159,17 @@ def test_answer_schema_and_per_request_errors(retriever):
     [res] = ok["results"]
     assert res["query"] == "a man opens the fridge" and len(res["videos"]) == 3
     hit = res["videos"][0]
-    assert set(hit) == {"video_id", "score", "clip_score", "frame_score", "moment"}
+    assert set(hit) == {"video_id", "score", "clip_score", "frame_score", "moment", "title", "duration_s"}
     assert hit["score"] == pytest.approx(0.7 * hit["clip_score"] + 0.3 * hit["frame_score"], abs=1e-5)
-    assert hit["moment"]["unit"] == "frames" and 0 <= hit["moment"]["start"] < hit["moment"]["end"]
+    # the synthetic corpus's videos.jsonl: its title and duration, and moments in seconds from it
+    info = Collection(art.data).video_info[hit["video_id"]]
+    assert (hit["title"], hit["duration_s"]) == (info.title, info.duration_s)
+    i = retriever.video_ids.index(hit["video_id"])
+    frames, seconds = int(retriever.index.num_frames[i]), info.duration_s / int(retriever.index.num_frames[i])
+    start, end = round(hit["moment"]["start"] / seconds), round(hit["moment"]["end"] / seconds)
+    assert hit["moment"] == {"start": round(start * seconds, 3), "end": round(end * seconds, 3),
+                             "unit": "seconds", "video_length": round(frames * seconds, 3)}
+    assert [int(start), int(end)] in retriever.index.spans[i].tolist() and 0 <= start < end <= frames
     scores = [v["score"] for v in res["videos"]]
     assert scores == sorted(scores, reverse=True)
     assert len(answers[2].body["results"]) == 2 and answers[2].body["alpha"] == pytest.approx(0.2)
@@ -283,7 +292,7 @@ def test_handler_with_mock_context(art, tmp_path, caplog, monkeypatch, text_enco
     logged = caplog.text
     assert "[METRICS]prvr_requests_total.Count:1|#ModelName:prvr,Level:Model,outcome:ok|#type:COUNTER" in logged
     assert "outcome:bad_request" in logged
-    assert "[METRICS]prvr_request_latency_seconds.Seconds:" in logged and "#type:HISTOGRAM" in logged
+    assert "[METRICS]prvr_request_latency_deciseconds.Deciseconds:" in logged and "#type:HISTOGRAM" in logged
     assert "stage:encode" in logged and "stage:score" in logged
     assert f"[METRICS]prvr_corpus_size.Count:{bodies_out[0]['corpus_size']}|" in logged
 
@@ -307,9 +316,12 @@ def test_handler_initialize_fails_clearly_on_encoder_mismatch(art, tmp_path, cap
 
 def test_metrics_yaml_declares_every_custom_metric():
     spec = yaml.safe_load((REPO / "serving" / "metrics.yaml").read_text())["model_metrics"]
-    declared = {m["name"]: (kind, m["dimensions"]) for kind, items in spec.items() for m in items}
-    for name, kind, _unit, dims in METRICS:
-        assert declared[name] == (kind, ["ModelName", "Level"] + dims), name
+    declared = {m["name"]: (kind, m["unit"], m["dimensions"]) for kind, items in spec.items() for m in items}
+    for name, kind, unit, dims in METRICS:
+        assert declared[name] == (kind, unit, ["ModelName", "Level"] + dims), name
+    # latencies in deciseconds, so the frontend's fixed buckets (0.005 .. 10) span 0.5 ms .. 1 s
+    assert [n for n, kind, _, _ in METRICS if kind == "histogram"] == ["prvr_request_latency_deciseconds",
+                                                                        "prvr_stage_deciseconds"]
     assert "ts_inference_requests_total" in str(yaml.safe_load((REPO / "serving" / "metrics.yaml").read_text()))
 
 
@@ -341,16 +353,17 @@ def test_service_without_metrics_cache(retriever):
 
 
 # --------------------------------------------------------------------------- archive
-def test_archive_contents(art):
+def test_archive_contents(art, text_encoder):
     with zipfile.ZipFile(art.mars["v0002"]) as z:
         names = set(z.namelist())
         serve = json.loads(z.read("serve.json"))
         model_cfg = yaml.safe_load(z.read("model-config.yaml"))
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
     assert {"model.pt", "handler.py", "serve.json", "index/manifest.json", "index/clips.npy"} <= names
-    assert serve["model_version"] == "v0002" and serve["text_encoder"]
+    assert serve["model_version"] == "v0002" and serve["text_encoder"] == text_encoder.name
     assert serve["serve"]["max_batch_delay_ms"] == 50
     assert model_cfg["batchSize"] == 4 and model_cfg["maxBatchDelay"] == 50
+    assert "clientTimeoutInMills" not in model_cfg           # serve.client_timeout_ms 0: none
     assert manifest["model"]["modelVersion"] == "v0002" and manifest["model"]["modelName"] == "prvr"
 
 
@@ -360,10 +373,12 @@ def test_archive_for_the_faiss_engine_carries_its_faiss_index(art, tmp_path):
     from prvr.archive import build_archive
 
     assert not (art.index / "faiss.index").exists()
-    cfg = Config.from_dict({"search": {"backend": "faiss", "index_type": "flat", "refine_codes": "fp16"}})
+    cfg = Config.from_dict({"search": {"backend": "faiss", "index_type": "flat", "refine_codes": "fp16"},
+                            "serve": {"client_timeout_ms": 45000}})
     mar = build_archive(art.checkpoint, art.index, tmp_path / "store", "v0007", "prvr", cfg)
     with zipfile.ZipFile(mar) as z:
         assert "index/faiss.index" in z.namelist()
+        assert yaml.safe_load(z.read("model-config.yaml"))["clientTimeoutInMills"] == 45000
         ann = json.loads(z.read("index/manifest.json"))["ann"]
         z.extractall(tmp_path / "unpacked")
     assert ann["index_type"] == "flat" and ann["refine_codes"] == "fp16"

@@ -49,7 +49,8 @@ def test_query_round_trip(server):
     assert set(stages) == {"parse", "encode", "score"} and float(stages["encode"]) > 0
     assert body["model_version"] == "v0001" and body["corpus_size"] == 30 and body["top_k"] == 5
     videos = body["results"][0]["videos"]
-    assert len(videos) == 5 and videos[0]["moment"]["unit"] == "frames"
+    assert len(videos) == 5 and videos[0]["moment"]["unit"] == "seconds"    # durations from videos.jsonl
+    assert all(0 <= v["moment"]["start"] < v["moment"]["end"] <= v["moment"]["video_length"] for v in videos)
     assert [v["score"] for v in videos] == sorted((v["score"] for v in videos), reverse=True)
 
 
@@ -109,7 +110,7 @@ def _parse_batches(ts: TorchServe) -> float:
     """Handler calls so far (one parse-stage observation per batch), from TorchServe's /metrics."""
     text = requests.get(f"{ts.metrics_url}/metrics", timeout=10).text
     for line in text.splitlines():
-        if line.startswith("prvr_stage_seconds_count{") and 'stage="parse"' in line:
+        if line.startswith("prvr_stage_deciseconds_count{") and 'stage="parse"' in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

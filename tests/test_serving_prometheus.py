@@ -87,8 +87,12 @@ def stack(tmp_path_factory, text_encoder):
 
 def test_custom_series_reach_prometheus(stack):
     ts, prom = stack
+    encode_ms = 0.0
     for i in range(6):
-        assert ts.infer({"query": f"a man opens the fridge {i}"}).status_code == 200
+        r = ts.infer({"query": f"a man opens the fridge {i}"})
+        assert r.status_code == 200
+        stages = dict(part.split(";dur=") for part in r.headers["Server-Timing"].split(", "))
+        encode_ms += float(stages["encode"])
     for body in ({"query": ""}, {"query": "x", "top_k": 0}):
         assert ts.infer(body).status_code == 400
     assert ts.infer(data=b"plain", content_type="text/plain").status_code == 415
@@ -97,17 +101,20 @@ def test_custom_series_reach_prometheus(stack):
     ok = prom.wait_value(f'sum(prvr_requests_total{{{m},outcome="ok"}})', lambda v: v >= 6)
     bad = prom.wait_value(f'sum(prvr_requests_total{{{m},outcome="bad_request"}})', lambda v: v >= 3)
     assert (ok, bad) == (6, 3)
-    # latency is a real histogram: buckets, count and a quantile
-    buckets = prom.query(f"prvr_request_latency_seconds_bucket{{{m}}}")
-    assert {b["metric"]["le"] for b in buckets} >= {"0.005", "0.01", "0.1", "1.0", "+Inf"}
-    assert prom.wait_value(f"sum(prvr_request_latency_seconds_count{{{m}}})", lambda v: v >= 9) >= 9
-    p50 = prom.wait_value(f"histogram_quantile(0.5, sum by (le) (prvr_request_latency_seconds_bucket{{{m}}}))",
-                          lambda v: v > 0)
-    assert 0 < p50 < 10
-    # encoding vs scoring time
-    encode = prom.wait_value(f'sum(prvr_stage_seconds_sum{{{m},stage="encode"}})', lambda v: v > 0)
-    score = prom.wait_value(f'sum(prvr_stage_seconds_sum{{{m},stage="score"}})', lambda v: v > 0)
-    assert encode > 0 and score > 0
+    # latency is a real histogram in deciseconds: the frontend's fixed buckets 0.005 .. 10
+    # then mean 0.5 ms .. 1 s
+    buckets = prom.query(f"prvr_request_latency_deciseconds_bucket{{{m}}}")
+    assert {b["metric"]["le"] for b in buckets} >= {"0.005", "0.01", "0.1", "1.0", "10.0", "+Inf"}
+    assert prom.wait_value(f"sum(prvr_request_latency_deciseconds_count{{{m}}})", lambda v: v >= 9) >= 9
+    p50 = prom.wait_value(
+        f"0.1 * histogram_quantile(0.5, sum by (le) (prvr_request_latency_deciseconds_bucket{{{m}}}))",
+        lambda v: v > 0)
+    assert 0 < p50 < 1                                                   # seconds
+    # the stage sums are the Server-Timing durations (ms) in units of 100 ms
+    encode = prom.wait_value(f'sum(prvr_stage_deciseconds_sum{{{m},stage="encode"}})', lambda v: v > 0)
+    assert 100 * encode == pytest.approx(encode_ms, rel=0.01, abs=0.01)
+    score = prom.wait_value(f'sum(prvr_stage_deciseconds_sum{{{m},stage="score"}})', lambda v: v > 0)
+    assert score > 0
     assert prom.wait_value(f"sum(prvr_queries_total{{{m}}})", lambda v: v >= 6) == 6
     # corpus size of the served version
     [corpus] = prom.query(f"prvr_corpus_size{{{m}}}")

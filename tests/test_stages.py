@@ -4,19 +4,28 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from prvr import stages
 from prvr.cli import stage as stage_cli
 from prvr.config import load_config
 from prvr.collection import Collection
 from prvr.errors import DataError, PrvrError
+from prvr.monitoring import GATEWAY_ENV
 from prvr.registry import Registry
 from prvr.reports import format_decision
+
+try:
+    from helpers.servers import PUSHGATEWAY_BIN, Pushgateway, pushgateway_available
+except ImportError:  # tests/ imported as a package
+    from tests.helpers.servers import PUSHGATEWAY_BIN, Pushgateway, pushgateway_available
 
 # A small model so a tiny-preset epoch takes seconds on 2 CPU cores.
 FAST = ["model.hidden_size=64", "model.map_size=8", "model.cluster_num=8", "model.max_ctx_len=32",
@@ -53,12 +62,13 @@ def test_preprocess_synth_writes_collection_features_and_record(tmp_path: Path, 
     on_disk = json.loads((tmp_path / "ds" / stages.DATASET_JSON).read_text())
     assert on_disk == record
     assert record["path"] == cfg.data.collection            # relative to the dataset folder
-    assert record["encoded_text"] and record["text_encoder"] == FakeEncoder.name
+    assert record["encoded_text"] is True and record["text_encoder"] == FakeEncoder.name
     assert record["stats"]["splits"]["train"]["videos"] == 80 and record["stats"]["text_dim"] == 8
     # the record is enough to find everything again, even after the folder moves
     shutil.move(tmp_path / "ds", tmp_path / "moved")
     path, cfg2, rec = stages.load_dataset(tmp_path / "moved", cfg)
-    assert path == (tmp_path / "moved" / cfg.data.collection).resolve() and rec["fingerprint"]
+    assert path == (tmp_path / "moved" / cfg.data.collection).resolve()
+    assert rec["fingerprint"] == record["fingerprint"] and re.fullmatch(r"[0-9a-f]{32}", rec["fingerprint"])
     assert Collection(path, cfg2.data.video_feature, cfg2.data.text_feature_file).text_dim == 8
     assert cfg.data.text_feature_file is None                 # the caller's config is untouched
 
@@ -135,8 +145,10 @@ def test_evaluate_step_writes_metrics_plots_and_reports(trained: dict, tmp_path:
     assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
     md = Path(out["markdown"]).read_text()
     assert "| fused |" in md and "| M/V bin |" in md
-    flat = stages.kfp_metrics(m)
-    assert flat["fused_sumr"] == pytest.approx(m["fused"]["sumr"]) and "frame_r100" in flat
+    flat = stages.kfp_metrics(m)                    # 7 numbers of each score + the corpus size
+    assert len(flat) == 23 and (flat["num_queries"], flat["num_videos"]) == (m["num_queries"], m["num_videos"])
+    assert (flat["fused_sumr"], flat["clip_r1"], flat["frame_r100"], flat["fused_medr"]) == \
+        (m["fused"]["sumr"], m["clip"]["r1"], m["frame"]["r100"], m["fused"]["medr"])
 
 
 def test_register_step_gate_and_decision_file(trained: dict, tmp_path: Path) -> None:
@@ -150,8 +162,8 @@ def test_register_step_gate_and_decision_file(trained: dict, tmp_path: Path) -> 
     manifest = Registry(uri).show(cfg.registry.model_name, "v0001")
     assert {"model.pt", "metrics.json"} <= set(manifest["files"])
     assert manifest["data_version"] == first["data_version"] and first["data_version"].startswith("md5:")
-    if first["index"]:
-        assert any(f.startswith("index/") for f in manifest["files"])
+    assert first["index"] is True                                     # build_index defaults to on
+    assert "index/manifest.json" in manifest["files"] and "index/clips.npy" in manifest["files"]
     # serve.corpus (default all): the served index holds every video of the collection, not a split
     index = json.loads((tmp_path / "reg" / "index" / "manifest.json").read_text())
     path, _, _ = stages.load_dataset(root / "ds", cfg)
@@ -190,14 +202,66 @@ def test_register_step_builds_the_faiss_index_the_served_config_needs(trained: d
     assert "index/faiss.index" in Registry(uri).show(cfg.registry.model_name, out["version"])["files"]
 
 
-def test_stages_push_run_metrics_when_gateway_set(trained: dict, tmp_path: Path, monkeypatch) -> None:
-    pushed = []
-    monkeypatch.setattr(stages, "push_run_metrics",
-                        lambda job, values, labels=None, **kw: pushed.append((job, dict(values), labels)))
-    stages.evaluate_step(trained["root"] / "ds", trained["root"] / "run", tmp_path / "ev", trained["cfg"])
-    job, values, labels = pushed[-1]
-    assert job == "prvr-evaluate" and values["duration_seconds"] >= 0 and "fused_sumr" in values
-    assert labels == {"collection": trained["cfg"].data.collection, "variant": "ms-sl++"}
+@pytest.fixture(scope="module")
+def pushgateway():
+    if not pushgateway_available():
+        pytest.skip(f"prometheus-pushgateway binary not found at {PUSHGATEWAY_BIN} "
+                    "(apt-get install prometheus-pushgateway; CI installs it)")
+    gw = Pushgateway()
+    yield gw
+    gw.stop()
+
+
+def _gateway_groups(text: str) -> dict[str, dict[str, tuple[float, dict[str, str]]]]:
+    """{job: {metric: (value, other labels)}} of the prvr_run_* gauges and push times a
+    Pushgateway's /metrics exposes (parsed by prometheus_client's own text parser)."""
+    groups: dict[str, dict[str, tuple[float, dict[str, str]]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("prvr_run_") or sample.name == "push_time_seconds":
+                labels = {k: v for k, v in sample.labels.items() if k not in ("job", "instance")}
+                groups.setdefault(sample.labels["job"], {})[sample.name] = (sample.value, labels)
+    return groups
+
+
+@pytest.mark.integration
+def test_stages_push_run_metrics_to_a_real_pushgateway(trained: dict, tmp_path: Path, monkeypatch,
+                                                       pushgateway) -> None:
+    """preprocess, evaluate and register each push their numbers, grouped by job, collection and
+    variant, to the gateway $PRVR_PUSHGATEWAY names; read back from its /metrics."""
+    monkeypatch.setenv(GATEWAY_ENV, pushgateway.address)
+    root, cfg = trained["root"], trained["cfg"]
+    t0 = time.time()
+    record = stages.preprocess("synth:tiny:3", tmp_path / "ds", cfg, encoder=FakeEncoder())
+    ev = stages.evaluate_step(root / "ds", root / "run", tmp_path / "ev", cfg)
+    reg = stages.register_step(root / "run", ev["metrics"], root / "ds", cfg, f"file://{tmp_path / 'registry'}",
+                               0.0, out_dir=tmp_path / "reg", build_index=False)
+    groups = _gateway_groups(pushgateway.metrics_text())
+    assert set(groups) == {"prvr-preprocess", "prvr-evaluate", "prvr-register"}, groups
+    splits = record["stats"]["splits"].values()
+    m = ev["metrics"]
+    expected = {
+        "prvr-preprocess": {"videos": sum(s["videos"] for s in splits), "queries": sum(s["queries"] for s in splits)},
+        "prvr-evaluate": {"duration_seconds": ev["duration_seconds"], "num_queries": m["num_queries"],
+                          "num_videos": m["num_videos"],
+                          **{f"{s}_{k}": m[s][k] for s in ("fused", "clip", "frame")
+                             for k in ("r1", "r5", "r10", "r100", "sumr", "medr", "mnr")}},
+        "prvr-register": {"duration_seconds": reg["duration_seconds"], "promoted": 1.0,
+                          "candidate_sumr": reg["candidate"]},
+    }
+    labels = {"collection": cfg.data.collection, "variant": "ms-sl++"}
+    preprocess_seconds, _ = groups["prvr-preprocess"].pop("prvr_run_duration_seconds")   # not returned
+    assert 0 < preprocess_seconds < time.time() - t0
+    for job, values in expected.items():
+        got = groups[job]
+        # the time of the job's last success, which the stale-pipeline alert watches
+        assert t0 <= got.pop("prvr_run_last_success_timestamp_seconds")[0] <= time.time(), job
+        pushed = {name.removeprefix("prvr_run_"): value for name, (value, _) in got.items()
+                  if name.startswith("prvr_run_")}
+        assert pushed == pytest.approx(values, rel=1e-12), job
+        assert all(lab == labels for _, lab in got.values()), (job, got)
+        assert t0 - 1 <= got["push_time_seconds"][0] <= time.time() + 1, job
+    assert expected["prvr-preprocess"]["videos"] >= 80 and expected["prvr-evaluate"]["num_queries"] > 0
 
 
 # ----------------------------------------------------------------------------- CLI and config helpers
@@ -213,7 +277,12 @@ def test_stage_cli_runs_evaluate_and_register(trained: dict, tmp_path: Path, cap
     args = _cli().parse_args(["stage", "evaluate", "--dataset", str(root / "ds"), "--model", str(root / "run"),
                               "--out", str(tmp_path / "ev"), "--metrics", str(tmp_path / "m.json"), *sets])
     assert args.func(args) == 0
-    assert "fused" in capsys.readouterr().out and (tmp_path / "m.json").is_file()
+    out = capsys.readouterr().out.splitlines()
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert out[0] == f"test: {m['num_queries']} queries x {m['num_videos']} videos (ms-sl++)"
+    fused = m["fused"]
+    assert out[2].split() == ["fused", *(f"{fused[k]:.1f}" for k in ("r1", "r5", "r10", "r100", "sumr", "medr", "mnr"))]
+    assert out[-1] == f"report: {tmp_path / 'ev' / 'report.html'}" and (tmp_path / "ev" / "report.html").is_file()
     args = _cli().parse_args(["stage", "register", "--dataset", str(root / "ds"), "--model", str(root / "run"),
                               "--metrics", str(tmp_path / "m.json"), "--out", str(tmp_path / "reg"),
                               "--uri", f"file://{tmp_path / 'registry'}", "--no-index", *sets])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from prvr.errors import DataError
 
 FILES = ["TextData/tinytrain.caption.txt", "TextData/tinyval.caption.txt", "TextData/tinytest.caption.txt",
          "FeatureData/synth_feat/feature.bin", "FeatureData/synth_feat/id.txt",
-         "FeatureData/synth_feat/shape.txt", "FeatureData/synth_feat/video2frames.txt", "moments.jsonl"]
+         "FeatureData/synth_feat/shape.txt", "FeatureData/synth_feat/video2frames.txt", "moments.jsonl",
+         "videos.jsonl"]
 
 
 def test_layout_round_trip(tiny_collection):
@@ -37,6 +39,10 @@ def test_layout_round_trip(tiny_collection):
         m = coll.moments()[cap.cap_id]
         assert 0 <= m.start < m.end <= m.num_frames == len(v2f[cap.video_id])
         assert cap.text[0].isupper() and cap.text.endswith(".")
+    info = coll.video_info
+    assert list(info) == list(v2f)
+    assert all(i.duration_s == len(v2f[v]) * synth.FRAME_SECONDS and i.title and i.url is None
+               for v, i in info.items())
 
 
 def test_deterministic_bytes(tmp_path):
@@ -86,7 +92,7 @@ def test_short_moments_need_clip_matching(tmp_path, monkeypatch):
     sentence = synth._sentence
     monkeypatch.setattr(synth, "_sentence", lambda event, rng: events.append(event) or sentence(event, rng))
     coll = Collection(synth.synthesize(tmp_path, "tiny", "tiny", seed=2018))
-    world = synth._World(np.random.default_rng(2018), 64)
+    world = synth._World(np.random.default_rng(2018), 64, synth.PRESETS["tiny"].noise_std)
     query_event = dict(zip([c.cap_id for s in ("train", "val", "test") for c in coll.captions(s)], events))
     caps, videos = coll.captions("test"), coll.videos("test")
     q = _unit(np.stack([np.tanh(world.code(query_event[c.cap_id]) @ world.w1 + world.b1) @ world.w2
@@ -109,3 +115,22 @@ def test_cli_synth(tmp_path, monkeypatch, capsys):
                           "--collection", "demo"]) == 0
     assert Path(capsys.readouterr().out.strip()) == tmp_path / "demo"
     assert Collection(tmp_path / "demo").check()["splits"]["train"]["videos"] == 80
+
+
+def test_hard_preset_has_shorter_moments_in_longer_videos(tmp_path, monkeypatch):
+    """The hard preset's knobs at a small size: moments shorter relative to their videos, longer
+    videos."""
+    small = {"train": 60, "val": 10, "test": 30}
+    monkeypatch.setitem(synth.PRESETS, "hard-small",
+                        dataclasses.replace(synth.PRESETS["hard"], videos=small, video_dim=16))
+    monkeypatch.setitem(synth.PRESETS, "tiny-small",
+                        dataclasses.replace(synth.PRESETS["tiny"], videos=small, video_dim=16))
+    stats = {}
+    for name in ("hard-small", "tiny-small"):
+        coll = Collection(synth.synthesize(tmp_path, name, name, seed=3))
+        caps = [c for s in ("train", "val", "test") for c in coll.captions(s)]
+        ratios = np.array([coll.mv_ratio(c.cap_id) for c in caps])
+        frames = np.array([len(f) for f in coll.video2frames.values()])
+        stats[name] = (np.mean(ratios < 0.1), np.median(frames))
+    assert stats["hard-small"][0] > 0.6 > stats["tiny-small"][0]
+    assert stats["hard-small"][1] > 2 * stats["tiny-small"][1]

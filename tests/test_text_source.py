@@ -55,7 +55,7 @@ def _train_and_register(root: Path, release: Path, source: str) -> dict:
     stages.train_step(root / "ds", root / "run", cfg)
     decision = stages.register_step(root / "run", {"sumr": 1.0}, root / "ds", cfg,
                                     f"file://{root / 'registry'}", 0.0, out_dir=root / "reg")
-    assert decision["promoted"] and decision["archive"], decision
+    assert decision["promoted"] is True and Path(decision["archive"]).name.endswith(".mar"), decision
     with zipfile.ZipFile(decision["archive"]) as z:
         z.extractall(root / "unpacked")
     return {"record": record, "decision": decision, "cfg": cfg, "root": root,

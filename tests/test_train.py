@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from prvr.config import load_config
-from prvr.train import infonce_loss, lr_at, setup, train, train_batch, triplet_loss
+from prvr.model import PRVRModel, training_scores
+from prvr.train import Encoders, infonce_loss, lr_at, setup, train, train_batch, triplet_loss
 
 # A small model keeps the tests fast; the code path is the full MS-SL++ one.
 FAST = ["model.hidden_size=64", "model.num_heads=2", "model.cluster_num=8", "model.map_size=16",
@@ -58,6 +60,25 @@ def test_lr_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.02
 
 
+def test_training_scores_from_embeddings_equal_the_model_forward():
+    """train_batch scores the embeddings of Encoders (gathered from every rank under torchrun):
+    the same bits as the model's forward."""
+    cfg = _fast_cfg().model
+    cfg.video_dim, cfg.text_dim = 12, 16
+    torch.manual_seed(0)
+    model = PRVRModel(cfg).eval()
+    tokens, tmask = torch.randn(5, 7, 16), torch.rand(5, 7) > 0.3
+    tmask[:, 0] = True
+    units, frames = torch.randn(3, cfg.map_size, 12), torch.randn(3, 9, 12)
+    fmask = torch.arange(9)[None, :] < torch.tensor([9, 4, 6])[:, None]
+    want = model(tokens, tmask, units, frames, fmask)
+    q, v = Encoders(model)(tokens, tmask, units, frames, fmask)
+    got = training_scores(q, v.clips, v.attended)
+    assert set(got) == {"clip", "frame", "clip_raw", "frame_raw"}
+    for k, t in got.items():
+        assert torch.equal(t, want[k]), k
+
+
 def _one_step(data: Path, out: Path):
     """A fresh run (seeded model) after one train_batch on its first training batch."""
     previous = torch.are_deterministic_algorithms_enabled()
@@ -96,7 +117,7 @@ def _state(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def test_training_is_deterministic_and_checkpoint_self_contained(tiny_encoded, tmp_path):
+def test_training_is_deterministic_and_checkpoint_self_contained(tiny_encoded, tmp_path, text_encoder):
     cfg = _fast_cfg("train.epochs=2")
     a = train(cfg, tiny_encoded, tmp_path / "a", progress=False)
     b = train(_fast_cfg("train.epochs=2"), tiny_encoded, tmp_path / "b", progress=False)
@@ -104,7 +125,7 @@ def test_training_is_deterministic_and_checkpoint_self_contained(tiny_encoded, t
     sa, sb = _state(tmp_path / "a" / "model.pt"), _state(tmp_path / "b" / "model.pt")
     for k in sa["state_dict"]:
         assert torch.equal(sa["state_dict"][k], sb["state_dict"][k]), k
-    assert sa["config"]["model"]["video_dim"] == 64 and sa["text_encoder"]
+    assert sa["config"]["model"]["video_dim"] == 64 and sa["text_encoder"] == text_encoder.name
     assert (tmp_path / "a" / "dvclive" / "metrics.json").is_file()
     assert (tmp_path / "a" / "dvclive" / "plots" / "metrics" / "val" / "sumr.tsv").is_file()
 
@@ -159,6 +180,19 @@ def test_collapse_is_detected_and_epoch_redone_at_lower_lr(tiny_encoded, tmp_pat
                 tiny_encoded, tmp_path / "c", progress=False)
     assert res["collapse_restarts"] == 2
     assert res["history"][0]["lr_scale"] == pytest.approx(0.25)
+
+
+def test_a_real_collapse_is_detected_and_the_epoch_redone_at_lower_lr(tiny_encoded, tmp_path, capsys):
+    # At lr 3 one epoch drives all queries to one direction (mean pairwise cosine 0.9994 on
+    # this data); redone at lr 3 x 0.01 they stay spread (0.66).
+    res = train(_fast_cfg("train.epochs=1", "train.lr=3.0", "train.collapse_cosine=0.99",
+                          "train.max_collapse_restarts=2", "train.collapse_lr_factor=0.01"),
+                tiny_encoded, tmp_path / "c", progress=False)
+    seen = re.findall(r"collapsed \(mean pairwise cosine ([0-9.]+) > 0\.99\)", capsys.readouterr().err)
+    assert len(seen) == 1 and float(seen[0]) > 0.99      # measured on the model, not forced
+    assert res["collapse_restarts"] == 1
+    assert res["history"][0]["lr_scale"] == pytest.approx(0.01)
+    assert res["history"][0]["query_spread"] < 0.99
 
 
 def test_resume_refuses_other_model_settings(tiny_encoded, tmp_path):

@@ -13,10 +13,11 @@ import prvr.cli.registry as registry
 import prvr.cli.serve as serve
 import prvr.cli.stage as stage
 import prvr.cli.train as train
+import prvr.cli.ui as ui
 from prvr.config import ConfigError
 from prvr.errors import PrvrError
 
-GROUPS = (demo, data, stage, train, index, registry, serve, kube, pipeline)
+GROUPS = (demo, data, stage, train, index, registry, serve, ui, kube, pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:

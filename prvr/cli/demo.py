@@ -6,7 +6,9 @@ import time
 from typing import Any
 
 from prvr.cli.common import add_config_args, config_from_args
-from prvr.demo import DEMO_EPOCHS, print_answers, print_summary, run_pipeline, run_stages, serve_and_query
+from prvr.demo import (DEMO_EPOCHS, print_answers, print_summary, print_ui_hint, run_pipeline, run_stages,
+                       serve_and_query)
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
@@ -19,6 +21,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print_summary(result, time.time() - t0)
     if not args.no_serve:
         print_answers(serve_and_query(cfg, result, args.registry))
+        print_ui_hint()
     return 0
 
 

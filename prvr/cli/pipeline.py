@@ -35,7 +35,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         opts = module.options.parse(
             pvc=args.pvc, s3_secret=args.s3_secret, gpus=args.gpus, train_image=args.train_image,
             node_selector=args.node_selector, toleration=args.toleration, resources=args.resources,
-            train_retries=args.train_retries, retry_backoff=args.retry_backoff)
+            train_retries=args.train_retries, retry_backoff=args.retry_backoff, pushgateway=args.pushgateway)
     except ValueError as exc:
         raise PrvrError(str(exc)) from None
     out = Path(args.out)
@@ -79,4 +79,7 @@ def register_cli(subparsers: Any) -> None:
                    help="retries of a failed train pod (default: 2; 0 = none)")
     p.add_argument("--retry-backoff", default=None, metavar="DURATION",
                    help="wait before the first retry, doubling after (default: 60s)")
+    p.add_argument("--pushgateway", default=None, metavar="URL",
+                   help="Prometheus Pushgateway (HOST:PORT or URL) every task pushes its run metrics to "
+                        "(PRVR_PUSHGATEWAY; deploy/prometheus/alerts.yaml watches the last success)")
     p.set_defaults(func=_cmd_compile)

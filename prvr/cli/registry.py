@@ -12,7 +12,7 @@ def _registry_from_args(args: argparse.Namespace) -> tuple[Registry, str]:
     cfg = config_from_args(args).registry
     uri = args.uri or cfg.uri
     endpoint = args.endpoint_url or cfg.endpoint_url
-    return Registry(uri, endpoint_url=endpoint), args.name or cfg.model_name
+    return Registry(uri, endpoint_url=endpoint, settings=cfg), args.name or cfg.model_name
 
 
 def _print(obj: Any) -> None:

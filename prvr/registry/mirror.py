@@ -3,8 +3,9 @@
 
 ``prvr.stages.train_step`` keeps the resume state of a run (``last.pt``, ``model.pt``,
 ``resume.json``) there when ``train.checkpoint_uri`` is set, so a retried pod with an empty
-run folder continues from the last complete epoch. Each file is replaced atomically (one
-S3 PUT, or temp file + ``os.replace``); :meth:`Mirror.pull` takes all the files or none.
+run folder continues from the last complete epoch. Each file is replaced atomically (an S3
+object appears only when its PUT, or its multipart upload, completes; on disk temp file +
+``os.replace``); :meth:`Mirror.pull` takes all the files or none.
 
 Usage::
 
@@ -19,8 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from prvr.config import RegistryConfig
 from prvr.errors import RegistryError
-from prvr.registry.stores import FileStore, S3Store, file_hashes, open_store
+from prvr.registry.stores import FileStore, S3Store, file_digest, open_store
 
 __all__ = ["Mirror"]
 
@@ -28,10 +30,10 @@ __all__ = ["Mirror"]
 class Mirror:
     """Named files of one local folder, copied to and from ``uri``."""
 
-    def __init__(self, uri: str, endpoint_url: str | None = None):
+    def __init__(self, uri: str, endpoint_url: str | None = None, settings: RegistryConfig | None = None):
         if not (uri.startswith("s3://") or Path(uri).is_absolute()):
             raise RegistryError(f"{uri!r}: expected s3://BUCKET/PREFIX or an absolute folder path")
-        self.store: FileStore | S3Store = open_store(uri, endpoint_url, "train.checkpoint_uri")
+        self.store: FileStore | S3Store = open_store(uri, endpoint_url, "train.checkpoint_uri", settings)
         self.uri = uri
 
     def pull(self, folder: Path, names: Iterable[str]) -> bool:
@@ -54,8 +56,8 @@ class Mirror:
         """Upload the named files of ``folder`` in order, each replacing its copy atomically."""
         with self.store.errors(f"upload to {self.uri}"):
             for name in names:
-                sha256, md5 = file_hashes(folder / name)
-                self.store.upload(name, folder / name, sha256, md5)
+                src = folder / name
+                self.store.upload(name, src, file_digest(src, self.store.part_size(src.stat().st_size)))
 
     def delete(self, names: Iterable[str]) -> None:
         with self.store.errors(f"delete in {self.uri}"):

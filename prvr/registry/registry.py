@@ -17,6 +17,12 @@ locked read-compare-replace on disk), so concurrent promotions never lose one. T
 it was promoted and why. Only the gate rewrites a manifest, and only its own version's
 ``decision``, by the same compare-and-swap, once the promotion it announced is settled.
 The stores themselves live in ``prvr.registry.stores``.
+
+A registration killed at any point (SIGKILL, a lost pod) leaves at most a claimed version
+without a manifest: never listed, never promotable, its number never reused (its files, and
+on S3 an unfinished multipart upload, stay behind as garbage). A pull checks every file's
+sha256 and size against the manifest in a staging folder and moves them into ``dest`` only
+when all match, so a corrupt or truncated object leaves ``dest`` as it was.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import time
 import uuid
@@ -32,8 +39,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from prvr.checkpoint import sha256_file
+from prvr.config import RegistryConfig
 from prvr.errors import RegistryError
-from prvr.registry.stores import FileStore, S3Store, file_hashes, open_store
+from prvr.registry.stores import FileStore, S3Store, file_digest, open_store
 
 __all__ = ["Registry", "Judge", "resolve_metric", "compare_metric", "MANIFEST", "POINTER", "CLAIM"]
 
@@ -120,9 +128,11 @@ def resolve_metric(metrics: Mapping[str, Any], key: str) -> float | None:
 class Registry:
     """Versioned model store with a CAS-moved production pointer (file:// or s3://)."""
 
-    def __init__(self, uri: str, endpoint_url: str | None = None):
+    def __init__(self, uri: str, endpoint_url: str | None = None, settings: RegistryConfig | None = None):
+        """``settings``: the ``registry`` config section (S3 retries, multipart transfers);
+        None reads it as ``load_config()`` does."""
         self.uri = uri
-        self._store: FileStore | S3Store = open_store(uri, endpoint_url, "registry URI")
+        self._store: FileStore | S3Store = open_store(uri, endpoint_url, "registry URI", settings)
 
     # -- helpers
     @staticmethod
@@ -194,8 +204,8 @@ class Registry:
         ``decision`` (or a function of the new version's id giving it) goes into the manifest."""
         self._check_name(name)
         local = self._collect(files)
-        hashes = {rel: file_hashes(p) for rel, p in local.items()}
-        entries = {rel: {"sha256": hashes[rel][0], "size": p.stat().st_size} for rel, p in local.items()}
+        digests = {rel: file_digest(p, self._store.part_size(p.stat().st_size)) for rel, p in local.items()}
+        entries = {rel: {"sha256": d.sha256, "size": d.size} for rel, d in digests.items()}
         with self._store.errors(f"registering {name}"):
             version = self._claim_version(name)
         base = f"models/{name}/{version}"
@@ -203,10 +213,10 @@ class Registry:
         try:
             with self._store.errors(f"uploading {name} {version}"):
                 for rel, src in local.items():
-                    self._store.upload(f"{base}/{rel}", src, *hashes[rel])
-                    uploaded.append(rel)
-                for rel, e in entries.items():
-                    problem = self._store.verify(f"{base}/{rel}", *hashes[rel], e["size"])
+                    uploaded.append(rel)     # before: a failed multipart upload may leave an object
+                    self._store.upload(f"{base}/{rel}", src, digests[rel])
+                for rel in entries:
+                    problem = self._store.verify(f"{base}/{rel}", digests[rel])
                     if problem:
                         raise RegistryError(f"registry {self._store.where}: uploaded {base}/{rel} "
                                             f"does not match the local file ({problem})")
@@ -336,35 +346,39 @@ class Registry:
 
     def pull(self, name: str, version: str | None = None, dest: str | Path | None = None,
              files: Iterable[str] | None = None) -> Path:
-        """Download a version's files (or only ``files``) into ``dest`` (default ./<name>/<version>),
-        sha256-verified."""
+        """Download a version's files (or only ``files``) into ``dest`` (default ./<name>/<version>).
+        Every file is checked against the manifest's sha256 and size before any reaches ``dest``;
+        one that differs fails the pull, naming it, and leaves ``dest`` as it was."""
         manifest = self.show(name, version)
         version = manifest["version"]
         dest = Path(dest) if dest is not None else Path(name) / version
-        base = f"models/{name}/{version}"
         wanted = manifest["files"] if files is None else list(files)
         missing = [rel for rel in wanted if rel not in manifest["files"]]
         if missing:
             raise RegistryError(f"model {name!r} {version} in {self._store.where} has no {', '.join(missing)}")
         for rel in manifest["files"]:        # a tampered manifest must not write outside dest
             _check_relative(rel, f"model {name!r} {version} in {self._store.where}: manifest entry")
-        for rel in wanted:
-            e = manifest["files"][rel]
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex}"
-            try:
-                with self._store.errors(f"pulling {base}/{rel}"):
-                    self._store.download(f"{base}/{rel}", tmp)
-                got = sha256_file(tmp)
-                if got != e["sha256"] or tmp.stat().st_size != e["size"]:
-                    raise RegistryError(f"registry {self._store.where}: {base}/{rel} is corrupted "
-                                        f"(sha256 {got}, manifest says {e['sha256']}); refusing it")
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-        (dest / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest.parent / f".tmp-pull-{dest.name}-{uuid.uuid4().hex}"
+        try:
+            for rel in wanted:
+                self._download_verified(f"models/{name}/{version}", rel, manifest["files"][rel], staging / rel)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            _install(staging, dest, [*wanted, MANIFEST])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return dest
+
+    def _download_verified(self, base: str, rel: str, entry: Mapping[str, Any], target: Path) -> None:
+        """``base/rel`` into ``target``, or a RegistryError naming it when it differs from ``entry``."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._store.errors(f"pulling {base}/{rel}"):
+            self._store.download(f"{base}/{rel}", target)
+        size, got = target.stat().st_size, sha256_file(target)
+        if got != entry["sha256"] or size != entry["size"]:
+            raise RegistryError(f"registry {self._store.where}: {base}/{rel} is corrupted: {size} bytes with "
+                                f"sha256 {got}, the manifest says {entry['size']} bytes with sha256 "
+                                f"{entry['sha256']}; refusing it (nothing was written to the destination)")
 
     def register_if_better(self, name: str, files: Mapping[str, str | Path] | str | Path,
                            metrics: Mapping[str, Any], params: Mapping[str, Any] | None = None,
@@ -461,6 +475,17 @@ class Registry:
                 raise RegistryError(f"{key} kept changing")
         except RegistryError as exc:
             return f"the decision was not recorded in {version}'s manifest: {exc}"
+
+
+def _install(staging: Path, dest: Path, rels: list[str]) -> None:
+    """Move verified files from ``staging`` into ``dest``: the whole folder at once when
+    ``dest`` does not exist yet, else file by file (each atomically), the manifest last."""
+    if not dest.exists():
+        os.replace(staging, dest)
+        return
+    for rel in rels:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, dest / rel)
 
 
 def _check_relative(rel: Any, what: str) -> None:

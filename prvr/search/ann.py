@@ -14,9 +14,9 @@ Search is three steps:
    default: 4-bit codes, 48 bytes per clip);
 2. those clips are re-scored, which picks the `candidates` best distinct videos.
    `search.refine_codes` says with what: `arrays` gathers their rows from the stored
-   arrays (exact q.z, with the request's alpha); `fp16`, `sq8` or `pq<M>` let faiss
-   re-score them from a second, finer copy of z it holds in RAM (an IndexRefine:
-   fewer bytes touched, no Python per hit; z at the index's alpha);
+   arrays (exact q.z, with the request's alpha); `fp16`, `sq8`/`sq6`/`sq4`, `rabitq<b>` or
+   `pq<M>` let faiss re-score them from a second, finer copy of z it holds in RAM (an
+   IndexRefine: fewer bytes touched, no Python per hit; z at the index's alpha);
 3. the candidates are re-ranked by the exact fused score (max over all K clips).
 
 Every returned score is exact; only the candidate set is approximate, and its
@@ -41,7 +41,7 @@ from prvr.checkpoint import sha256_file
 from prvr.errors import SearchIndexError
 from prvr.model import fuse
 from prvr.search.exact import SearchResult, as_queries, empty_result
-from prvr.search.index import VideoIndex, advise_random
+from prvr.search.index import RowPrefetcher, VideoIndex, advise_random
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
            "rerank", "best_videos", "distinct_videos", "fused_rows", "stored_ann_fits"]
@@ -72,14 +72,23 @@ def make_faiss_index(dim: int, params: dict[str, Any]) -> Any:
 
 
 def _make_refine_store(dim: int, codes: str) -> Any:
-    """fp16 (2 bytes per dim, ~exact), sq8 (1 byte per dim) or pq<M> (M bytes per clip); None = arrays."""
+    """The in-RAM copy of z that re-scores the hits, by bytes per clip (H = the vector size):
+    fp16 (2H, ~exact), sq8 (H), sq6 (3H/4), sq4 (H/2), rabitq<b> (RaBitQ: a random rotation, then
+    b bits per dimension + 20 bytes; an unbiased inner-product estimate), pq<M> (M); None = the
+    arrays. Error on q.z of 384-d unit z (std, 100k videos): pq96 0.012, rabitq3 0.0075 (164 bytes),
+    sq4 0.0066 (192), rabitq4 0.0043 (212): docs/serving.md, A million videos."""
     if not REFINE_CODES.fullmatch(str(codes)):
-        raise SearchIndexError(f"search.refine_codes must be arrays, fp16, sq8 or pq<M>, got {codes!r}")
+        raise SearchIndexError(f"search.refine_codes must be arrays, fp16, sq8, sq6, sq4, rabitq<b> or pq<M>, "
+                               f"got {codes!r}")
     ip = faiss.METRIC_INNER_PRODUCT
     if codes == "arrays":
         return None
     if codes in _sq_types():
         return faiss.IndexScalarQuantizer(dim, _sq_types()[codes], ip)
+    if codes.startswith("rabitq"):
+        store = faiss.IndexRaBitQ(dim, ip, int(codes[6:]))
+        store.qb = 0                         # the query in fp32: no query quantisation error
+        return store
     m = int(codes[2:])
     if dim % m:
         raise SearchIndexError(f"search.refine_codes={codes}: {m} must divide the vector size {dim}")
@@ -88,7 +97,8 @@ def _make_refine_store(dim: int, codes: str) -> Any:
 
 def _sq_types() -> dict[str, int]:
     """Scalar-quantizer re-score codes by name (faiss is imported lazily)."""
-    return {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
+    sq = faiss.ScalarQuantizer
+    return {"fp16": sq.QT_fp16, "sq8": sq.QT_8bit, "sq6": sq.QT_6bit, "sq4": sq.QT_4bit}
 
 
 def _base(index: Any) -> Any:
@@ -104,6 +114,8 @@ def _codes_of(index: Any) -> str:
         return f"pq{store.pq.M}"
     if isinstance(store, faiss.IndexScalarQuantizer):
         return next((name for name, qtype in _sq_types().items() if qtype == store.sq.qtype), "other")
+    if isinstance(store, faiss.IndexRaBitQ):
+        return f"rabitq{store.rabitq.nb_bits}"
     return "other"
 
 
@@ -235,20 +247,31 @@ def best_videos(index: VideoIndex, q: torch.Tensor, labels: np.ndarray, need: in
 
 
 def rerank(index: VideoIndex, q: torch.Tensor, cands: list[np.ndarray], k: int,
-           alpha: float) -> SearchResult:
+           alpha: float, read_ahead: bool = False) -> SearchResult:
     """Exact fused scores of each query's candidate videos (all K clips + the key's attended).
-    numpy, not torch: a few dozen values per query, where torch's per-op overhead dominates."""
+    numpy, not torch: a few dozen values per query, where torch's per-op overhead dominates.
+    `read_ahead` asks for memory-mapped rows ahead, for all queries at once: every candidate's K
+    clip rows, then every key clip's attended row (a corpus larger than RAM then waits for its disk
+    reads side by side instead of one page fault after another)."""
     N, K, H = index.clips.shape
     fc, fa = index.clips.reshape(N * K, H), index.attended.reshape(N * K, H)
+    cands = [np.sort(c) for c in cands]                                        # sequential reads
+    ahead_c, ahead_a = (RowPrefetcher.of(fc), RowPrefetcher.of(fa)) if read_ahead else (None, None)
+    if ahead_c is not None:
+        for cand in cands:
+            ahead_c(cand * K, K)
+    every = [_dots(fc, (c[:, None] * K + np.arange(K)).reshape(-1), q[i]).reshape(len(c), K) if len(c)
+             else np.zeros((0, K), np.float32) for i, c in enumerate(cands)]  # (C, K) per query
+    keys = [e.argmax(1) for e in every]                                        # (C,) first best clip
+    if ahead_a is not None:
+        for cand, key in zip(cands, keys):
+            ahead_a(cand * K + key)
     video_idx, key_clip = np.full((len(q), k), -1, np.int64), np.zeros((len(q), k), np.int64)
     fused, clip, frame = (np.full((len(q), k), -np.inf, np.float32) for _ in range(3))
-    for i, cand in enumerate(cands):
+    for i, (cand, key) in enumerate(zip(cands, keys)):
         if len(cand) == 0:
             continue
-        cand = np.sort(cand)                                                   # sequential reads
-        every = _dots(fc, (cand[:, None] * K + np.arange(K)).reshape(-1), q[i]).reshape(len(cand), K)
-        key = every.argmax(1)                                                  # (C,) first best clip
-        sc = every[np.arange(len(cand)), key]                                  # (C,)
+        sc = every[i][np.arange(len(cand)), key]                               # (C,)
         fs = _dots(fa, cand * K + key, q[i])                                   # (C,)
         f = fuse(sc, fs, alpha)
         o = np.argsort(-f, kind="stable")[:k]
@@ -265,7 +288,8 @@ class FaissSearch:
     Uses `faiss.index` from the index folder when it was built with `cfg`'s index type
     (else builds one in memory: slow for big corpora; build it with `prvr index build --ann`).
     `cfg.refine_codes` wins over the codes the stored file carries: those are freed (the base
-    index is kept as a copy) and the asked ones built in memory (seconds for a TVR-sized corpus)."""
+    index is kept as a copy) and the asked ones built in memory (seconds for a TVR-sized corpus).
+    `cfg.read_ahead`: read the candidates' rows of memory-mapped arrays ahead, all at once (`rerank`)."""
 
     def __init__(self, index: VideoIndex, cfg: SearchConfig, faiss_index: Any = None):
         self.index, self.cfg = index, cfg
@@ -333,4 +357,4 @@ class FaissSearch:
                 if len(found[j]) < need and n < total and (labels[j] >= 0).all():
                     short.append(i)                                            # too few videos: widen
             todo, n = np.array(short, dtype=np.int64), min(total, n * 4)
-        return rerank(self.index, q, cands, k, alpha)
+        return rerank(self.index, q, cands, k, alpha, self.cfg.read_ahead)

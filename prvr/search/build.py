@@ -20,7 +20,7 @@ from prvr.checkpoint import atomic_dir, sha256_file
 from prvr.config import SearchConfig
 from prvr.errors import SearchIndexError
 from prvr.search.ann import build_faiss_into
-from prvr.search.index import ARRAY_FILES, DTYPES, INDEX_FORMAT
+from prvr.search.index import ARRAY_FILES, DTYPES, INDEX_FORMAT, VIDEO_INFO_FILE
 from prvr.views import units_to_frames
 
 __all__ = ["build_index_from_embeddings", "write_manifest", "units_to_frames_int32"]
@@ -51,12 +51,14 @@ def build_index_from_embeddings(emb: Any, num_frames: np.ndarray | torch.Tensor,
                                 out_dir: str | Path, *, model_version: str, map_size: int,
                                 alpha: float, dtype: str = "float32", fps: float | None = None,
                                 checkpoint_sha256: str | None = None, text_encoder: str | None = None,
-                                ann: SearchConfig | None = None, meta: dict[str, Any] | None = None) -> Path:
+                                ann: SearchConfig | None = None, meta: dict[str, Any] | None = None,
+                                video_info: list[dict[str, Any] | None] | None = None) -> Path:
     """Write an index from `VideoEmbeddings` (clips/attended (N,K,H), unit spans (N,K,2)).
 
     Vectors are L2-normalised in fp32 before the cast to `dtype`; unit spans become
     frame spans. `ann` (a SearchConfig) also builds the faiss index inside; `meta` adds
-    entries to the manifest (e.g. corpus, corpus_size, data_version)."""
+    entries to the manifest (e.g. corpus, corpus_size, data_version); `video_info` (one entry
+    per video: title, duration_s, url, or None) goes to videos.json, hashed in the manifest."""
     if dtype not in DTYPES:
         raise SearchIndexError(f"search.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     nf = np.asarray(num_frames, dtype=np.int64)
@@ -69,7 +71,14 @@ def build_index_from_embeddings(emb: Any, num_frames: np.ndarray | torch.Tensor,
         np.save(tmp / "spans.npy", units_to_frames_int32(np.asarray(emb.spans), nf, map_size))
         np.save(tmp / "num_frames.npy", nf.astype(np.int32))
         (tmp / "video_ids.json").write_text(json.dumps(list(video_ids)))
-        write_manifest(tmp, {**(meta or {}), "model_version": model_version,
+        info_meta = None
+        if video_info is not None and any(i is not None for i in video_info):
+            if len(video_info) != len(video_ids):
+                raise SearchIndexError(f"{len(video_info)} video descriptions for {len(video_ids)} videos")
+            (tmp / VIDEO_INFO_FILE).write_text(json.dumps(list(video_info)))
+            info_meta = {"file": VIDEO_INFO_FILE, "sha256": sha256_file(tmp / VIDEO_INFO_FILE),
+                         "described": sum(i is not None for i in video_info)}
+        write_manifest(tmp, {**(meta or {}), "video_info": info_meta, "model_version": model_version,
                              "checkpoint_sha256": checkpoint_sha256, "text_encoder": text_encoder,
                              "map_size": map_size, "alpha": alpha, "fps": fps, "ann": None})
         if ann is not None:

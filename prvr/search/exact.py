@@ -83,12 +83,14 @@ def merge_topk(best: SearchResult, new: SearchResult, k: int) -> SearchResult:
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
     """fp32 tensor view of an array slice (no copy for fp32 mmaps; they are only read)."""
-    a = np.asarray(arr, np.float32)
-    if not a.flags.writeable:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(a)
-    return torch.from_numpy(a)
+    return _view(np.asarray(arr, np.float32))
+
+
+def _view(arr: np.ndarray) -> torch.Tensor:
+    """A tensor sharing a (read-only, memory-mapped) array's memory and dtype; only read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(arr))
 
 
 def _rows(arr: np.ndarray, rows: np.ndarray) -> torch.Tensor:
@@ -179,7 +181,7 @@ class ExactSearch:
         index arrays, a (query_chunk, N) block at a time; ties ranked pessimistically."""
         q = as_queries(queries)
         alpha = self.index.alpha if alpha is None else float(alpha)
-        clips, attended = torch.from_numpy(np.asarray(self.index.clips)), torch.from_numpy(np.asarray(self.index.attended))
+        clips, attended = _view(self.index.clips), _view(self.index.attended)
         ranks: dict[str, list[np.ndarray]] = {"fused": [], "clip": [], "frame": []}
         for i in range(0, len(q), query_chunk):
             s = score(q[i:i + query_chunk], clips, attended, alpha, self.video_chunk)

@@ -21,13 +21,17 @@ from typing import Any
 
 import numpy as np
 
+from pydantic import ValidationError
+
 from prvr.checkpoint import sha256_file
+from prvr.collection import VideoInfo
 from prvr.errors import SearchIndexError
 
-__all__ = ["VideoIndex", "advise_random", "INDEX_FORMAT", "ARRAY_FILES", "DTYPES"]
+__all__ = ["VideoIndex", "advise_random", "RowPrefetcher", "INDEX_FORMAT", "ARRAY_FILES", "DTYPES"]
 
 INDEX_FORMAT = "prvr-video-index/1"
 ARRAY_FILES = ("clips", "attended", "spans", "num_frames")
+VIDEO_INFO_FILE = "videos.json"    # optional: title, duration_s, url per video (videos.jsonl)
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -41,6 +45,11 @@ class VideoIndex:
     video_ids: list[str]
     manifest: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    info: list[dict[str, Any] | None] | None = None   # per video: title, duration_s, url
+
+    def describe(self, i: int) -> dict[str, Any]:
+        """What the corpus's videos.jsonl said about video i ({} when nothing)."""
+        return (self.info[i] or {}) if self.info is not None else {}
 
     @property
     def count(self) -> int:
@@ -136,18 +145,68 @@ class VideoIndex:
         if len(ids) != N:
             raise SearchIndexError(f"{path / 'video_ids.json'} lists {len(ids)} ids for {N} videos")
         return cls(arrays["clips"], arrays["attended"], arrays["spans"], arrays["num_frames"], ids,
-                   manifest, path)
+                   manifest, path, _load_info(path, manifest, N))
+
+
+def _mapping(arr: np.ndarray) -> Any:
+    """The mmap object behind a (view of a) np.memmap, or None."""
+    base = arr
+    while base is not None and getattr(base, "_mmap", None) is None:
+        base = getattr(base, "base", None)
+    return getattr(base, "_mmap", None)
 
 
 def advise_random(arr: np.ndarray) -> bool:
     """madvise(MADV_RANDOM) on the file mapping behind a (view of a) np.memmap: scattered row
     reads then fault in one page each instead of a readahead window (measured at 1M videos:
     a 32 x 384 fp16 re-rank read hundreds of MB per query with readahead)."""
-    base = arr
-    while base is not None and getattr(base, "_mmap", None) is None:
-        base = getattr(base, "base", None)
-    mm = getattr(base, "_mmap", None)
+    mm = _mapping(arr)
     if mm is None or not hasattr(mmap, "MADV_RANDOM"):
         return False
     mm.madvise(mmap.MADV_RANDOM)
     return True
+
+
+class RowPrefetcher:
+    """Asks the kernel to read rows of a memory-mapped 2-D array ahead (MADV_WILLNEED), all at
+    once: a corpus larger than RAM then waits for its scattered rows' disk reads together, queued
+    side by side, instead of one page fault after another. `RowPrefetcher.of(arr)` is None for an
+    array in RAM (nothing to read ahead)."""
+
+    def __init__(self, mm: Any, offset: int, row_bytes: int):
+        self.mm, self.offset, self.row_bytes = mm, offset, row_bytes
+
+    @classmethod
+    def of(cls, arr: np.ndarray) -> "RowPrefetcher | None":
+        mm = _mapping(arr)
+        if mm is None or arr.ndim != 2 or not arr.flags.c_contiguous or not hasattr(mmap, "MADV_WILLNEED"):
+            return None
+        start = np.frombuffer(mm, np.uint8).__array_interface__["data"][0]   # the mapping's address
+        return cls(mm, arr.__array_interface__["data"][0] - start, arr.strides[0])
+
+    def __call__(self, rows: np.ndarray, count: int = 1) -> None:
+        """Read ahead rows r .. r + count - 1 for every r in `rows`."""
+        size, page = self.row_bytes * count, mmap.PAGESIZE
+        for r in np.asarray(rows, np.int64).tolist():
+            s = self.offset + r * self.row_bytes
+            a = s - s % page
+            self.mm.madvise(mmap.MADV_WILLNEED, a, s + size - a)
+
+
+def _load_info(path: Path, manifest: dict[str, Any], count: int) -> list[dict[str, Any] | None] | None:
+    """The index's videos.json, always hashed (it is small), then checked entry by entry: it
+    ends up in answers and on a web page."""
+    meta = manifest.get("video_info")
+    if not meta:
+        return None
+    f = path / VIDEO_INFO_FILE
+    if not f.is_file() or sha256_file(f) != meta.get("sha256"):
+        raise SearchIndexError(f"video descriptions {f} are missing or fail their sha256 check")
+    try:
+        info = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(info, list) or len(info) != count:
+            raise ValueError(f"expected a list of {count} entries")
+        return [None if i is None else VideoInfo.model_validate({"video_id": "-", **i}).model_dump(
+            exclude={"video_id"}, exclude_none=True) for i in info]
+    except (ValueError, TypeError, RecursionError, ValidationError) as exc:
+        raise SearchIndexError(f"video descriptions {f} are not valid ({type(exc).__name__})") from None

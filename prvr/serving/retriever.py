@@ -11,9 +11,11 @@ Response::
 
     {"model_version": "v0003", "corpus_size": 2179, "data_version": "md5:...", "top_k": 10, "alpha": 0.7,
      "results": [{"query": "...", "videos": [{"video_id", "score", "clip_score",
-                  "frame_score", "moment": {"start", "end", "unit"}}, ...]}]}
+                  "frame_score", "moment": {"start", "end", "unit", "video_length"},
+                  "title"?, "duration_s"?, "url"? (from the corpus's videos.jsonl)}, ...]}]}
 
-Nothing here knows about TorchServe (that is ``prvr.serving.torchserve``).
+Nothing here knows about a server: TorchServe (``prvr.serving.torchserve``) and KServe
+(``prvr.kserve_app``) are thin adapters over this module and ``prvr.serving.request``.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ from prvr.search import VideoIndex, make_engine
 from prvr.serving.request import Answer, Query, Request, error_answer, parse_request
 from prvr.text import TextEncoder
 
-__all__ = ["Retriever", "check_index", "load_serve_manifest", "SERVE_MANIFEST", "INDEX_DIR", "CHECKPOINT"]
+__all__ = ["Retriever", "check_index", "load_serve_manifest", "torch_threads", "SERVE_MANIFEST", "INDEX_DIR",
+           "CHECKPOINT"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,15 @@ def load_serve_manifest(model_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: build the archive with `prvr package`")
     return json.loads(path.read_text())
+
+
+def torch_threads(serve: dict[str, Any] | ServeConfig) -> int:
+    """Intra-op threads of a serving process, set before anything runs: serve.threads, or the
+    environment variable PRVR_TORCH_THREADS. docs/serving.md has the measured trade-off."""
+    configured = serve.get("threads") if isinstance(serve, dict) else serve.threads
+    threads = max(1, int(os.environ.get("PRVR_TORCH_THREADS") or configured or 1))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _manifest_value(manifest: dict[str, Any], key: str, model_dir: Path) -> Any:
@@ -136,14 +148,14 @@ class Retriever:
             self.answer([Request({"query": "warm up", "top_k": 1})])
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "Retriever":
+    def from_model_dir(cls, model_dir: str | Path, registry: bool = True) -> "Retriever":
         """Load from an unpacked archive (serve.json, model.pt, index/), or from the registry
-        when PRVR_REGISTRY_URI is set (PRVR_REGISTRY_VERSION, default production)."""
+        when PRVR_REGISTRY_URI is set and ``registry`` (PRVR_REGISTRY_VERSION, default production)."""
         model_dir = Path(model_dir)
         manifest = load_serve_manifest(model_dir)
         serve_cfg = Config.from_dict({"serve": _manifest_value(manifest, "serve", model_dir)}).serve
         search_cfg = Config.from_dict({"search": _manifest_value(manifest, "search", model_dir)}).search
-        uri = os.environ.get("PRVR_REGISTRY_URI")
+        uri = os.environ.get("PRVR_REGISTRY_URI") if registry else None
         if uri:
             reg = Registry(uri, endpoint_url=os.environ.get("PRVR_REGISTRY_ENDPOINT_URL") or None)
             name = os.environ.get("PRVR_REGISTRY_MODEL") or _manifest_value(manifest, "registry_model", model_dir)
@@ -201,15 +213,21 @@ class Retriever:
     def _videos(self, vidx, fused, clip, frame, key) -> list[dict[str, Any]]:
         out = []
         for v, s, c, f, kc in zip(vidx.tolist(), fused.tolist(), clip.tolist(), frame.tolist(), key.tolist()):
-            start, end = (int(x) for x in self.spans[v, kc])
-            if self.fps:
-                moment = {"start": round(start / self.fps, 3), "end": round(end / self.fps, 3),
-                          "unit": "seconds"}
-            else:
-                moment = {"start": start, "end": end, "unit": "frames"}
+            info = self.index.describe(v)
             out.append({"video_id": self.video_ids[v], "score": s, "clip_score": c, "frame_score": f,
-                        "moment": moment})
+                        "moment": self._moment(v, kc, info.get("duration_s")), **info})
         return out
+
+    def _moment(self, v: int, key_clip: int, duration_s: float | None) -> dict[str, Any]:
+        """The key clip's span and the video's length, in seconds when the frame rate or the
+        video's duration is known (the features cover the video evenly), else in feature frames."""
+        start, end = (int(x) for x in self.spans[v, key_clip])
+        frames = int(self.index.num_frames[v])
+        seconds_per_frame = 1 / self.fps if self.fps else (duration_s / frames if duration_s else None)
+        if seconds_per_frame is None:
+            return {"start": start, "end": end, "unit": "frames", "video_length": frames}
+        return {"start": round(start * seconds_per_frame, 3), "end": round(end * seconds_per_frame, 3),
+                "unit": "seconds", "video_length": round(frames * seconds_per_frame, 3)}
 
     def answer(self, requests: Sequence[Request]) -> list[Answer]:
         """One Answer per request; invalid requests get their own 4xx, the rest are served together.

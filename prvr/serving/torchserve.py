@@ -1,39 +1,43 @@
 """TorchServe glue: what ``serving/handler.py`` delegates to.
 
-``TorchServeService`` loads a ``Retriever`` from the unpacked archive, reads
-TorchServe's batch, sets a status per request (``context.set_response_status(code,
-phrase, idx)``), a ``Server-Timing`` header on answered ones, and records the custom
-metrics declared in ``serving/metrics.yaml``. This is the only module that touches
-TorchServe, and it imports ``ts`` only inside a TorchServe worker (see
-``_register_metrics``), so it loads, and is tested, without a server.
+``TorchServeService`` loads a ``Retriever`` from the unpacked archive, reads TorchServe's
+batch, and hands each answer back with its own status (``context.set_response_status(code,
+phrase, idx)``) and the headers of ``prvr.serving.request.answer_headers``; it records the
+custom metrics declared in ``serving/metrics.yaml``. Validation, retrieval and the answer's
+schema live in the server-free core (``request.py``, ``retriever.py``), shared with the KServe
+adapter (``prvr.kserve_app``). This is the only module that touches TorchServe, and it imports
+``ts`` only inside a TorchServe worker (see ``_register_metrics``), so it loads, and is tested,
+without a server.
+
+Latencies are recorded in deciseconds (100 ms): TorchServe 0.12 gives every histogram the
+Prometheus Java client's default buckets (0.005 .. 10), which then span 0.5 ms .. 1 s.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
-import torch
+from prvr.serving.request import STAGES, Request, answer_headers
+from prvr.serving.retriever import Retriever, load_serve_manifest, torch_threads
 
-from prvr.serving.request import Request
-from prvr.serving.retriever import Retriever, load_serve_manifest
-
-__all__ = ["TorchServeService", "request_from_torchserve", "server_timing", "METRICS", "OUTCOMES"]
+__all__ = ["TorchServeService", "request_from_torchserve", "METRICS", "OUTCOMES", "DECISECONDS"]
 
 logger = logging.getLogger(__name__)
 
 # Custom metrics: (name, type, unit, extra dimensions). serving/metrics.yaml declares the
 # same names (a test keeps them in step); TorchServe adds ModelName/Level and Hostname.
+# Latencies in deciseconds: see the module docstring (multiply by 0.1 for seconds).
 METRICS = (
     ("prvr_requests_total", "counter", "count", ["outcome"]),
-    ("prvr_request_latency_seconds", "histogram", "s", []),
-    ("prvr_stage_seconds", "histogram", "s", ["stage"]),
+    ("prvr_request_latency_deciseconds", "histogram", "Deciseconds", []),
+    ("prvr_stage_deciseconds", "histogram", "Deciseconds", ["stage"]),
     ("prvr_queries_total", "counter", "count", []),
     ("prvr_corpus_size", "gauge", "count", ["model_version"]),
 )
 OUTCOMES = ("ok", "bad_request", "error")
+DECISECONDS = 10.0      # per second
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -63,13 +67,6 @@ def request_from_torchserve(row: dict[str, Any], context: Any, idx: int) -> Requ
     return Request(body, ctype)
 
 
-def server_timing(timings: dict[str, float]) -> str:
-    """W3C Server-Timing value of a batch's stages in ms (`parse;dur=0.02, encode;dur=6.9, ...`):
-    the times of the batch a request was in (a lone request's own), which the metrics
-    histograms' 5 ms buckets cannot resolve, visible to any client."""
-    return ", ".join(f"{stage};dur={1e3 * timings.get(stage, 0.0):.3f}" for stage in ("parse", "encode", "score"))
-
-
 class TorchServeService:
     """What serving/handler.py delegates to: load once, then answer TorchServe batches."""
 
@@ -82,11 +79,8 @@ class TorchServeService:
     @classmethod
     def from_context(cls, context: Any) -> "TorchServeService":
         model_dir = context.system_properties.get("model_dir")
-        # serve.threads (env PRVR_TORCH_THREADS overrides): intra-op threads of this worker,
-        # set before anything runs. docs/serving.md has the measured trade-off.
         try:
-            serve = load_serve_manifest(model_dir).get("serve") or {}
-            torch.set_num_threads(max(1, int(os.environ.get("PRVR_TORCH_THREADS") or serve.get("threads") or 1)))
+            torch_threads(load_serve_manifest(model_dir).get("serve") or {})
             retriever = Retriever.from_model_dir(model_dir)
         except Exception:
             # TorchServe shows only the log: say why the model failed to load, then fail it.
@@ -125,19 +119,23 @@ class TorchServeService:
         timings = self.retriever.last_timings
         out = []
         for i, a in enumerate(answers):
-            phrase = "OK" if a.status == 200 else a.body.get("error", "error")
-            context.set_response_status(a.status, phrase, i)
-            context.set_response_content_type(i, "application/json")
-            if a.status == 200:                      # a refused request took no part in them
-                context.set_response_header(i, "Server-Timing", server_timing(timings))
+            context.set_response_status(a.status, "OK" if a.status == 200 else a.body.get("error", "error"), i)
+            for key, value in answer_headers(a, timings).items():
+                if key == "Content-Type":
+                    context.set_response_content_type(i, value)
+                else:
+                    context.set_response_header(i, key, value)
             out.append(json.dumps(a.body))
-        elapsed = time.perf_counter() - t0
+        self._record(answers, timings, time.perf_counter() - t0)
+        return out
+
+    def _record(self, answers: list, timings: dict[str, float], elapsed: float) -> None:
+        """One metric line per request (outcome, latency) and per batch (stages, queries)."""
         for a in answers:
             self._emit("prvr_requests_total", 1, [a.outcome])
-            self._emit("prvr_request_latency_seconds", elapsed)
-        for stage in ("parse", "encode", "score"):
+            self._emit("prvr_request_latency_deciseconds", DECISECONDS * elapsed)
+        for stage in STAGES:
             if stage == "parse" or timings.get("queries"):
-                self._emit("prvr_stage_seconds", timings.get(stage, 0.0), [stage])
+                self._emit("prvr_stage_deciseconds", DECISECONDS * timings.get(stage, 0.0), [stage])
         if timings.get("queries"):
             self._emit("prvr_queries_total", timings["queries"])
-        return out
