@@ -208,10 +208,10 @@ def test_a_failed_override_changes_nothing():
     ("search.dtype=int8", "search.dtype must be one of 'float32', 'float16', got 'int8'"),
     ("search.index_type=lsh", "search.index_type must be one of "
                               + ", ".join(repr(t) for t in ANN_INDEX_TYPES) + ", got 'lsh'"),
-    ("search.refine_codes=pq0", "search.refine_codes must be arrays, fp16, sq8 or pq<M> (M >= 1 bytes per clip), "
-                                "got 'pq0'"),
-    ("search.refine_codes=fp8", "search.refine_codes must be arrays, fp16, sq8 or pq<M> (M >= 1 bytes per clip), "
-                                "got 'fp8'"),
+    ("search.refine_codes=pq0", "search.refine_codes must be arrays, fp16, sq8, sq6, sq4, rabitq<b> "
+                                "(1 <= b <= 9 bits per dim) or pq<M> (M >= 1 bytes per clip), got 'pq0'"),
+    ("search.refine_codes=fp8", "search.refine_codes must be arrays, fp16, sq8, sq6, sq4, rabitq<b> "
+                                "(1 <= b <= 9 bits per dim) or pq<M> (M >= 1 bytes per clip), got 'fp8'"),
     ("train.device=gpu", "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     ("train.lr=nan", "train.lr must be a finite number, got 'nan'"),
     ("train.betas=[0.9, 1.5]", "train.betas[1] must be < 1, got 1.5"),
