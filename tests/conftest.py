@@ -12,6 +12,8 @@ from prvr import stages
 from prvr.config import load_config
 from prvr.synth import synthesize
 
+from helpers.servers import PUSHGATEWAY_BIN, Pushgateway, pushgateway_available
+
 TOY_DIM, TOY_TEXT_DIM = 6, 8
 # A small model so a tiny-preset epoch takes seconds on 2 CPU cores (the `trained` fixture;
 # tests/test_stages.py's FAST is the same list).
@@ -100,3 +102,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_encoded: Path) -> dic
     stages.preprocess(str(tiny_encoded), root / "ds", cfg)
     result = stages.train_step(root / "ds", root / "run", cfg)
     return {"root": root, "cfg": cfg, "result": result}
+
+
+@pytest.fixture(scope="module")
+def pushgateway():
+    """A real Pushgateway on 127.0.0.1 (Debian's prometheus-pushgateway), one per test module."""
+    if not pushgateway_available():
+        pytest.skip(f"prometheus-pushgateway binary not found at {PUSHGATEWAY_BIN} "
+                    "(apt-get install prometheus-pushgateway; CI installs it)")
+    gw = Pushgateway()
+    yield gw
+    gw.stop()

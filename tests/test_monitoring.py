@@ -10,19 +10,10 @@ import pytest
 from prvr.monitoring import GATEWAY_ENV, metric_name, push_run_metrics
 
 try:
-    from helpers.servers import PUSHGATEWAY_BIN, Pushgateway, free_port, pushgateway_available
+    from helpers.servers import free_port
 except ImportError:  # tests/ imported as a package
-    from tests.helpers.servers import PUSHGATEWAY_BIN, Pushgateway, free_port, pushgateway_available
+    from tests.helpers.servers import free_port
 
-
-@pytest.fixture(scope="module")
-def pushgateway():
-    if not pushgateway_available():
-        pytest.skip(f"prometheus-pushgateway binary not found at {PUSHGATEWAY_BIN} "
-                    "(apt-get install prometheus-pushgateway; CI installs it)")
-    gw = Pushgateway()
-    yield gw
-    gw.stop()
 
 
 def series(text: str, name: str) -> dict[str, float]:

@@ -22,11 +22,6 @@ from prvr.monitoring import GATEWAY_ENV
 from prvr.registry import Registry
 from prvr.reports import format_decision
 
-try:
-    from helpers.servers import PUSHGATEWAY_BIN, Pushgateway, pushgateway_available
-except ImportError:  # tests/ imported as a package
-    from tests.helpers.servers import PUSHGATEWAY_BIN, Pushgateway, pushgateway_available
-
 # A small model so a tiny-preset epoch takes seconds on 2 CPU cores.
 FAST = ["model.hidden_size=64", "model.map_size=8", "model.cluster_num=8", "model.max_ctx_len=32",
         "model.kmedoids_iters=10", "train.epochs=1"]
@@ -201,15 +196,6 @@ def test_register_step_builds_the_faiss_index_the_served_config_needs(trained: d
     assert manifest["ann"]["index_type"] == "ivfpqfs" and manifest["ann"]["refine_codes"] == "fp16"
     assert "index/faiss.index" in Registry(uri).show(cfg.registry.model_name, out["version"])["files"]
 
-
-@pytest.fixture(scope="module")
-def pushgateway():
-    if not pushgateway_available():
-        pytest.skip(f"prometheus-pushgateway binary not found at {PUSHGATEWAY_BIN} "
-                    "(apt-get install prometheus-pushgateway; CI installs it)")
-    gw = Pushgateway()
-    yield gw
-    gw.stop()
 
 
 def _gateway_groups(text: str) -> dict[str, dict[str, tuple[float, dict[str, str]]]]:
