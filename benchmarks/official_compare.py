@@ -54,10 +54,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prvr.checkpoint import write_json_atomic
 from prvr.config import default_config
 from prvr.metrics import retrieval_metrics
-from prvr.model import PRVRModel, _kkz_init, _kmedoids_step, _shifted, kmedoids, score
+from prvr.model import PRVRModel, _Clusters, _kkz_init, _shifted, kmedoids, score
 from prvr.search.exact import ExactSearch
 from prvr.search.index import VideoIndex
 from prvr.synth import PRESETS
@@ -65,6 +64,8 @@ from prvr.train import Step, build_optimizer, train_batch
 from prvr.views import clip_view, collate_queries, collate_videos, frame_view
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import results as result_files  # noqa: E402 - results/NAME.json and its README block
 TEXT_DIM = 768
 CONTEXT_BATCH, QUERY_BATCH, TOP_K = 200, 50, 10      # the official eval_context_bsz / eval_query_bsz
 
@@ -459,8 +460,9 @@ def convergence(dist, norms, k: int, limit: int, tol: float) -> tuple[np.ndarray
     shifted = _shifted(dist)
     medoids, rows = _kkz_init(shifted, norms, k), torch.arange(len(dist))[:, None]
     iters, active, smallest = np.zeros(len(dist), int), torch.ones(len(dist), dtype=torch.bool), float("inf")
+    state, every = _Clusters(shifted), torch.arange(len(dist))
     for _ in range(limit):
-        new = _kmedoids_step(shifted, medoids)
+        new = state.update(every, medoids)
         shift = (dist[rows, new, medoids] * (new != medoids)).sum(-1)
         if (shift > 0).any():
             smallest = min(smallest, float(shift[shift > 0].min()))
@@ -588,9 +590,10 @@ def meta(args) -> dict:
             "threads": args.threads, "load_average_at_start": os.getloadavg()}
 
 
-def run(args) -> dict:
+def run(args, save) -> dict:
+    """Every comparison; `save(result)` after each part, so a long run keeps what it measured."""
     off = load_official(Path(args.official))
-    result = {"meta": meta(args)}
+    result = {"meta": meta(args), "complete": False, "eval": {}}
     with tempfile.TemporaryDirectory(prefix="prvr-official-") as tmp_name:
         tmp = Path(tmp_name)
         ours, theirs = spawn("prvr", "train", args, tmp), spawn("official", "train", args, tmp)
@@ -607,9 +610,71 @@ def run(args) -> dict:
                 "official_in_its_groups": int((mine["explicit"] == picked["medoids"]).all(1).sum()),
                 "official_one_video_at_a_time": int((mine["explicit"] == picked["alone"]).all(1).sum())},
             "equal_medoids_prvr_distances": int((mine["gram"] == picked["medoids"]).all(1).sum())}
-        result["eval"] = {str(n): eval_block(n, args, tmp, off) for n in args.videos}
-    result["meta"]["load_average_at_end"] = os.getloadavg()
+        save(result)
+        for n in args.videos:
+            result["eval"][str(n)] = eval_block(n, args, tmp, off)
+            result["meta"]["load_average_at_end"] = os.getloadavg()
+            result["complete"] = n == args.videos[-1]
+            save(result)
     return result
+
+
+def _f(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def markdown(r: dict) -> str:
+    """The README table: each side's figure and the ratio, and the equality checks."""
+    t, c = r["train"], r["clustering"]
+    rows = [(f"training, s per {t['videos_per_batch']}-video batch (forward, loss, backward, step)",
+             t["prvr"]["s_per_batch"], t["official"]["s_per_batch"], t["train_speedup"]),
+            (f"k-medoids, s per update at equal iterations ({c['videos']} videos)",
+             c["prvr"]["per_iteration_s"], c["official"]["per_iteration_s"], c["kmedoids_speedup_equal_iters"]),
+            (f"k-medoids to each one's own convergence ({c['videos']} videos), s",
+             c["prvr"]["to_convergence_s"], c["official"]["to_convergence_s"], c["speedup_to_convergence"])]
+    for n, e in r["eval"].items():
+        p, o = e["prvr"], e["official"]
+        rows += [(f"{n} videos: encoding the videos (clustering included), s",
+                  p["encode_videos_s"], o["encode_videos_s"], o["encode_videos_s"] / p["encode_videos_s"]),
+                 (f"{n} videos: full score matrix, {e['queries']} queries at batch {QUERY_BATCH}, s",
+                  p["score_matrix_s"], o["score_matrix_s"], e["score_speedup"]),
+                 (f"{n} videos: evaluation end to end (encoding + full matrix), s",
+                  p["encode_videos_s"] + p["score_matrix_s"], o["encode_videos_s"] + o["score_matrix_s"],
+                  e["eval_speedup"]),
+                 (f"{n} videos: top-{TOP_K} of every query (prvr: certified search; official: matrix + top-k), s",
+                  p["search_top10_s"], o["score_matrix_s"] + o["topk_s"], e["search_speedup"])]
+    lines = ["| measured on the same data, 1 process per side | prvr | official | official / prvr |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {_f(a)} | {_f(b)} | {_f(ratio)}x |" for name, a, b, ratio in rows]
+    checks = ["", "| check | result |", "|---|---|"]
+    for n, e in r["eval"].items():
+        k = e["checks"]
+        m = k["metrics"]
+        checks += [f"| {n} videos: metrics of each matrix, prvr's code = official code | "
+                   f"{'equal' if all(v['equal'] for v in m.values()) else 'DIFFERENT'} "
+                   f"(SumR prvr matrix {m['prvr_matrix']['prvr_code']['sumr']:.1f}, "
+                   f"official matrix {m['official_matrix']['official_code']['sumr']:.1f}) |",
+                   f"| {n} videos: largest fused-score difference with the official's medoids | "
+                   f"{k['max_abs_score_diff_with_official_medoids']['fused']:.1e} |",
+                   f"| {n} videos: videos whose medoids equal the official's (model features) | "
+                   f"{k['videos_with_equal_medoids']} of {k['videos']} |",
+                   f"| {n} videos: certified top-{TOP_K} = our full-matrix top-{TOP_K} | "
+                   f"{100 * k['search_top10_equals_full_matrix_top10']:.1f}% of queries |"]
+    eq, n_c, o = c["equal_medoids_given_the_official_distances"], c["videos"], c["official"]
+    checks += [f"| clustering, same explicit points: prvr's medoids = the official's run one video at a time | "
+               f"{eq['official_one_video_at_a_time']} of {n_c} videos |",
+               f"| clustering, same explicit points: prvr's medoids = the official's in its groups of "
+               f"{o['split_size']} | {eq['official_in_its_groups']} of {n_c} videos |",
+               f"| clustering: the official in groups = itself one video at a time | "
+               f"{o['groups_vs_one_video_at_a_time_equal_videos']} of {n_c} videos |",
+               f"| clustering: the official on float32 = itself on float64 points | "
+               f"{o['float32_vs_float64_equal_videos']} videos |"]
+    threads = r["meta"]["threads"]
+    note = (f"\n\n{threads} thread per side; each side and task in a fresh process. "
+            "k-medoids at equal iterations: prvr recomputes only the cost rows of clusters that changed.")
+    if not r.get("complete"):
+        note += " **Partial run**: not every evaluation size has finished."
+    return "\n".join(lines + checks) + note
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,8 +709,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    result = run(args)
-    write_json_atomic(args.out, result)
+    out = Path(args.out)
+
+    def save(result: dict) -> None:
+        if "clustering" in result:
+            result_files.write(out.stem, result, markdown(result), folder=out.parent)
+
+    result = run(args, save)
     summary = {"train_speedup": result["train"]["train_speedup"],
                "kmedoids_speedup_equal_iters": result["clustering"]["kmedoids_speedup_equal_iters"],
                **{f"{k}@{n}": v[k] for n, v in result["eval"].items()

@@ -160,7 +160,7 @@ def _shifted(dist: torch.Tensor) -> torch.Tensor:
     nearest to itself (it joins its own cluster and is never seeded twice). Working on the
     same numbers as the original matters: exact ties are common among spans (a two-span
     cluster; a span halfway between two medoid spans) and rounding decides them."""
-    d = dist - dist.amax(dim=(1, 2), keepdim=True) - 1                    # (B, N, N)
+    d = (dist - dist.amax(dim=(1, 2), keepdim=True)).sub_(1)             # (B, N, N)
     d.diagonal(dim1=1, dim2=2).sub_(1)
     return d
 
@@ -179,16 +179,66 @@ def _kkz_init(d: torch.Tensor, norms: torch.Tensor, k: int) -> torch.Tensor:
     return medoids
 
 
-def _kmedoids_step(d: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
-    """One assignment + medoid update (B, k) on shifted distances: each cluster's member with
-    the least summed distance to its cluster. The sums are one masked (B, N, N) row sum
-    (a point's own cluster only) instead of the original's (B, k, N, N) tensor."""
-    B, k = medoids.shape
-    rows = d.gather(1, medoids[:, :, None].expand(B, k, d.shape[-1]))     # (B, k, N) medoid -> point
-    assign = rows.argmin(1)                                               # (B, N), first medoid on ties
-    cost = (d * (assign[:, :, None] == assign[:, None, :])).sum(-1)       # (B, N) to own cluster
-    member = assign[:, :, None] == torch.arange(k, device=d.device)       # (B, N, k)
-    return cost[:, :, None].masked_fill(~member, float("inf")).argmin(1)  # (B, k), lowest index on ties
+def _nearest_medoid(rows: torch.Tensor) -> torch.Tensor:
+    """rows (A, k, N) medoid -> point distances -> each point's medoid slot (A, N), the first
+    on ties (argmin's rule): k passes over (A, N), cheaper than a strided argmin over k."""
+    best = rows[:, 0].clone()
+    slot = torch.zeros(best.shape, dtype=torch.long, device=rows.device)
+    for j in range(1, rows.shape[1]):
+        closer = rows[:, j] < best
+        best = torch.where(closer, rows[:, j], best)
+        slot.masked_fill_(closer, j)
+    return slot
+
+
+def _own_cluster_costs(flat: torch.Tensor, points: torch.Tensor, members: torch.Tensor,
+                       clusters: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Summed shifted distance from each of `points` to its own cluster (M,).
+
+    Each sum runs over the point's whole distance row with zeros at non-members, as the
+    original's masked (B, k, N, N) sum does: the same numbers in the same order, so the same
+    rounding. flat (B*N, N): distance rows, `points` indexes them; members (R, N): one
+    membership row per (video, cluster), `clusters` (M,) picks each point's."""
+    out = [flat.new_zeros(0)]
+    for start in range(0, len(points), chunk):                          # bounded temporaries
+        same = members.index_select(0, clusters[start:start + chunk])    # (m, N)
+        rows = flat.index_select(0, points[start:start + chunk])          # (m, N)
+        out.append(torch.where(same, rows, 0.0).sum(-1))
+    return torch.cat(out)
+
+
+class _Clusters:
+    """A batched k-medoids run's assignments and each point's summed distance to its own
+    cluster. A cluster whose members all stayed keeps its sums (same rows, same mask, same
+    bits), so an update recomputes only the rows of the clusters that gained or lost a point."""
+
+    def __init__(self, d: torch.Tensor):
+        B, N, _ = d.shape
+        self.flat, self.N = d.view(B * N, N), N                           # (B*N, N)
+        self.assign = torch.full((B, N), -1, dtype=torch.long, device=d.device)
+        self.cost = torch.zeros(B, N, dtype=d.dtype, device=d.device)
+
+    def update(self, active: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
+        """One assignment + medoid update of the `active` videos' medoids (A, k) -> (A, k):
+        each cluster's member with the least summed distance to it, the lowest index on ties."""
+        (A, k), N, dev = medoids.shape, self.N, medoids.device
+        rows = self.flat.index_select(0, (active[:, None] * N + medoids).view(-1))
+        assign = _nearest_medoid(rows.view(A, k, N))                      # (A, N)
+        prev = self.assign[active]
+        self.assign[active] = assign
+        moved = assign != prev                                            # (A, N); all, at first
+        left = moved & (prev >= 0)
+        video = torch.arange(A, device=dev)[:, None].expand(A, N)
+        changed = torch.zeros(A, k, dtype=torch.bool, device=dev)          # gained or lost a point
+        changed[video[moved], assign[moved]] = True
+        changed[video[left], prev[left]] = True
+        v, i = changed.gather(1, assign).nonzero(as_tuple=True)           # the rows to recompute
+        member = assign[:, :, None] == torch.arange(k, device=dev)        # (A, N, k)
+        members = member.transpose(1, 2).reshape(A * k, N)                # (A*k, N)
+        cost = self.cost[active]                                          # (A, N)
+        cost[v, i] = _own_cluster_costs(self.flat, active[v] * N + i, members, v * k + assign[v, i])
+        self.cost[active] = cost
+        return cost[:, :, None].masked_fill(~member, float("inf")).argmin(1)  # (A, k)
 
 
 @torch.no_grad()
@@ -204,7 +254,8 @@ def kmedoids(dist: torch.Tensor, norms: torch.Tensor, k: int, iters: int = 60,
     together on their mean shift (and shifts distances by the group's maximum); here each
     video stops on its own, so its medoids never depend on the videos batched with it. A
     video that reached a fixed point stays there, so the two stop rules differ only when a
-    medoid moves by less than 64 * tol (docs/architecture.md).
+    medoid moves by less than 64 * tol (docs/architecture.md). No (B, k, N, N) tensor: the
+    cost sums are (B, N, N) at most, and after the first update only changed clusters'.
     """
     B, N, _ = dist.shape
     if not 0 < k <= N:
@@ -213,16 +264,15 @@ def kmedoids(dist: torch.Tensor, norms: torch.Tensor, k: int, iters: int = 60,
         raise ValueError(f"norms must have shape {tuple(dist.shape[:2])}, got {tuple(norms.shape)}")
     shifted = _shifted(dist)
     medoids = _kkz_init(shifted, norms, k)
+    state = _Clusters(shifted)
     active = torch.arange(B, device=dist.device)
     for _ in range(iters):
         if len(active) == 0:
             break
-        sub = (dist, shifted) if len(active) == B else (dist[active], shifted[active])
         old = medoids[active]
-        new = _kmedoids_step(sub[1], old)
-        rows = torch.arange(len(active), device=dist.device)[:, None]
+        new = state.update(active, old)
         # how far each medoid moved; an unchanged one moved by exactly 0 (not by d[m, m])
-        shift = (sub[0][rows, new, old] * (new != old)).sum(-1)            # (b,)
+        shift = (dist[active[:, None], new, old] * (new != old)).sum(-1)  # (A,)
         medoids[active] = new
         active = active[shift >= tol]
     return medoids.sort(-1).values

@@ -41,6 +41,42 @@ def test_kmedoids_matches_reference():
         assert got[b].tolist() == reference_kmedoids(pts[b], 6)
 
 
+def full_update_kmedoids(dist: torch.Tensor, norms: torch.Tensor, k: int, iters: int, tol: float) -> torch.Tensor:
+    """k-medoids summing every point's masked distance row at every update (no reuse of the
+    sums of unchanged clusters), one video at a time: what the incremental update must equal."""
+    out = []
+    for d0, n0 in zip(dist, norms):
+        d = d0 - d0.max() - 1
+        d.diagonal().sub_(1)
+        med = [int(n0.argmax())]
+        nearest = d[med[0]].clone()
+        while len(med) < k:
+            med.append(int(nearest.argmax()))
+            nearest = torch.minimum(nearest, d[med[-1]])
+        med = torch.tensor(med)
+        for _ in range(iters):
+            assign = d[med].argmin(0)                                      # (N,)
+            cost = (d * (assign[:, None] == assign[None, :])).sum(-1)      # (N,)
+            new = torch.stack([torch.where(assign == c, cost, float("inf")).argmin() for c in range(k)])
+            shift = float((d0[new, med] * (new != med)).sum())
+            med = new
+            if shift < tol:
+                break
+        out.append(med.sort().values)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kmedoids_reusing_unchanged_cluster_sums_equals_summing_every_row(seed):
+    """Rounded points make exact distance ties, which the summation order decides."""
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.randn(8, 50, 4, generator=g)
+    pts = pts.round() if seed % 2 else pts
+    dist, norms = torch.cdist(pts, pts), pts.norm(dim=-1)
+    for k, iters, tol in [(1, 60, 1e-5), (5, 60, 1e-5), (12, 3, 1e-5), (12, 60, -1.0), (50, 4, 1e-5)]:
+        assert torch.equal(kmedoids(dist, norms, k, iters, tol), full_update_kmedoids(dist, norms, k, iters, tol))
+
+
 def test_kmedoids_medoids_are_distinct_points_and_sorted():
     torch.manual_seed(1)
     pts = torch.randn(2, 60, 3)
