@@ -709,11 +709,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    out = Path(args.out)
+    out, started = Path(args.out), result_files.meta()
 
     def save(result: dict) -> None:
         if "clustering" in result:
-            result_files.write(out.stem, result, markdown(result), folder=out.parent)
+            result_files.write(out.stem, result, markdown(result), folder=out.parent, started=started)
 
     result = run(args, save)
     summary = {"train_speedup": result["train"]["train_speedup"],

@@ -60,14 +60,15 @@ def meta(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def write(name: str, figures: dict[str, Any], markdown: str, argv: list[str] | None = None,
-          folder: Path = RESULTS) -> Path:
-    """Write results/NAME.json atomically: the figures, their Markdown block and `meta`."""
+          folder: Path = RESULTS, started: dict[str, Any] | None = None) -> Path:
+    """Write results/NAME.json atomically: the figures, their Markdown block and `meta`
+    (`started`: the meta taken when a long run began, so its commit is the code that ran)."""
     if not NAME.match(name):
         raise ValueError(f"result name {name!r}: use letters, digits, '_', '-' and '.' only")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta(argv), "figures": figures, "markdown": markdown},
+    tmp.write_text(json.dumps({"meta": started or meta(argv), "figures": figures, "markdown": markdown},
                               indent=2, default=float) + "\n")
     os.replace(tmp, path)
     return path
