@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--readme", default=None, help="README.md whose result block to rewrite")
     args = p.parse_args()
-    out = Path(args.out)
+    out, started = Path(args.out), result_files.meta()    # the commit that ran, not one made meanwhile
     results_json = run(Path(args.data), out, args.variants.split(","), args.overrides)
     (out / "results.json").write_text(json.dumps(results_json, indent=2))
     text = table(results_json, f"{Path(args.data).name} ({', '.join(args.overrides) or 'params.yaml'})")
@@ -73,7 +73,7 @@ def main() -> None:
     except ImportError:
         pass
     name = f"quality-{Path(args.data).name}"
-    print(f"wrote {result_files.write(name, results_json, text)}")
+    print(f"wrote {result_files.write(name, results_json, text, started=started)}")
     if args.readme:
         readme = Path(args.readme)
         readme.write_text(result_files.update(readme.read_text()))
