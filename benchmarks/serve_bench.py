@@ -8,21 +8,20 @@ sizes; an ANN engine's recall depends on the structure. The model is a real MS-S
 checkpoint (``--checkpoint``; default a randomly initialised one with MiniLM text dims),
 and queries go through the real MiniLM text encoder.
 
-`--backend` picks the engine TorchServe serves with (exact, or faiss with `--refine` /
-`--candidates`); in process both engines are timed side by side, with the faiss top-10
+`--configs` names the configurations measured one after the other (CONFIGS: `default`, what
+`prvr serve` runs, and `low-latency`), each over params.yaml and `--set`; in process the
+exact and faiss engines are also timed side by side, with the faiss top-10
 overlap against exact on search_bench.py's queries (noisy copies of a video's vectors:
 a random-init model's text queries carry no structure to measure recall with).
 
-    python benchmarks/serve_bench.py --out runs/serve_bench.json [--videos 2179] [--requests 200]
-    python benchmarks/serve_bench.py --threads 1 --text-precision bfloat16 --backend faiss --refine 1000 \
-        --candidates 30 --refine-codes fp16
+    python benchmarks/serve_bench.py --name serve           # default and low-latency, results/serve.json
+    python benchmarks/serve_bench.py --configs default --threads 1 --set search.backend=faiss --no-rest
 """
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,8 +33,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results  # noqa: E402 - results/NAME.json and its README block
 import search_bench  # noqa: E402 - the shared corpus generator
-from prvr.cli import add_config_args, config_from_args  # noqa: E402
+from prvr.cli import add_config_args  # noqa: E402
+from prvr.config import load_config  # noqa: E402
 
 QUERIES = ["a man opens the fridge", "a woman walks into the kitchen and sits down",
            "two people argue in the hallway", "someone picks up the phone and answers it",
@@ -48,12 +49,12 @@ def pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-def make_checkpoint(path: Path, text_dim: int, encoder_name: str, video_dim: int = 1024,
+def make_checkpoint(path: Path, cfg, text_dim: int, encoder_name: str, video_dim: int = 1024,
                     text_precision: str = "float32") -> Path:
-    from prvr.config import default_config
+    """A random-weight MS-SL++ checkpoint whose config carries `cfg`'s text settings: the
+    served worker builds its text encoder from them."""
     from prvr.model import PRVRModel
 
-    cfg = default_config()
     cfg.model.video_dim, cfg.model.text_dim = video_dim, text_dim
     cfg.text.precision = text_precision
     torch.manual_seed(0)
@@ -197,8 +198,112 @@ def rest(ts, n: int, clients: int, per_client: int) -> dict:
                            "seconds": elapsed, "throughput_rps": len(codes) / elapsed}}
 
 
+# What each named configuration changes over params.yaml (+ --set). `default` is what
+# `prvr serve` runs; `low-latency` trades the text encoder's float32 weights for int8 ones
+# (another encoder by name: a model trained with it; top-10 agreement in text_bench.py)
+# and answers each request alone instead of waiting for batch mates.
+CONFIGS = {"default": [],
+           "low-latency": ["text.quantize=int8", "serve.batch_size=1"]}
+
+
+def measure(cfg, args, tmp: Path) -> dict:
+    """One configuration: in-process split, engines side by side, then REST through TorchServe."""
+    from prvr.archive import build_archive
+    from prvr.server import TorchServe
+    from prvr.serving import Retriever
+    from prvr.text import TextEncoder
+
+    threads = args.threads or cfg.serve.threads
+    torch.set_num_threads(threads)
+    os.environ["PRVR_TORCH_THREADS"] = str(threads)      # inherited by the TorchServe worker
+    encoder = TextEncoder("minilm", cfg.model.max_desc_len, args.text_precision, runtime=cfg.text.runtime,
+                          quantize=cfg.text.quantize)
+    ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(
+        tmp / "model.pt", copy.deepcopy(cfg), encoder.dim, encoder.name, text_precision=args.text_precision)
+    index = make_index(ckpt, tmp / "index", args.videos, "bench", args.corpus)
+    retriever = Retriever.load(ckpt, index, "bench", encoder=encoder, search_cfg=cfg.search)
+    result = {"videos": args.videos, "corpus": args.corpus, "torch_threads": torch.get_num_threads(),
+              "text_encoder": encoder.name, "text_runtime": cfg.text.runtime, "text_quantize": cfg.text.quantize,
+              "backend": cfg.search.backend, "serve_batch_size": cfg.serve.batch_size,
+              "max_batch_delay_ms": cfg.serve.max_batch_delay_ms,
+              "load_avg_at_start": list(os.getloadavg()),
+              "in_process": in_process(retriever, args.requests),
+              "engines": engines_side_by_side(retriever, cfg.search, args.requests)}
+    del retriever
+    if not args.no_rest:
+        mar = build_archive(ckpt, index, tmp / "store", "bench", "prvr", cfg)
+        ts_set = dict(kv.split("=", 1) for kv in args.ts_set)
+        with TorchServe(tmp / "ts", tmp / "store", {"prvr": mar.name}, overrides=ts_set, free_ports=True) as ts:
+            result["rest"] = rest(ts, args.requests, args.clients, args.per_client)
+            result["rest"]["torchserve_overrides"] = ts_set
+    result["load_avg_at_end"] = list(os.getloadavg())
+    return result
+
+
+def report(name: str, result: dict) -> None:
+    ip = result["in_process"]
+    rows = [("in-process text encoding (MiniLM)", ip["text_encoding_ms"]),
+            ("in-process query encoding (MS-SL++)", ip["query_encoding_ms"]),
+            ("in-process scoring, 1 query", ip["scoring_ms"]),
+            ("in-process total, 1 query", ip["total_ms"]),
+            ("  CPU time: total (all threads)", ip["cpu_ms"]["total"])]
+    print(f"[{name}] corpus {result['videos']} videos x 32 clips x 384 ({result['corpus']}); text encoder "
+          f"{result['text_encoder']}; served engine {result['backend']}; torch threads {result['torch_threads']}; "
+          f"load avg {result['load_avg_at_start'][0]:.1f} -> {result['load_avg_at_end'][0]:.1f}")
+    print(f"{'':44}{'p50 ms':>10}{'p99 ms':>10}")
+    for label, v in rows:
+        print(f"{label:44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
+    en = result["engines"]
+    print(f"  faiss top-10 overlap with exact {en['faiss_overlap10']:.3f}; scoring 1 query exact "
+          f"{en['exact_scoring_ms']['p50']:.2f} ms, faiss {en['faiss_scoring_ms']['p50']:.2f} ms (p50)")
+    if "rest" in result:
+        s, c = result["rest"]["sequential"], result["rest"]["concurrent"]
+        print(f"{'REST single text query, end to end':44}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}")
+        for stage in ("encode", "score"):
+            v = s["inside_worker_ms"][stage]
+            print(f"{'  inside the worker (Server-Timing): ' + stage:44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
+        print(f"REST throughput: {c['throughput_rps']:.1f} req/s with {c['clients']} clients "
+              f"({c['requests']} requests, {c['errors']} errors)")
+
+
+def markdown(results_by_config: dict[str, dict]) -> str:
+    """Side by side: REST end to end, the worker's stages, the in-process split, throughput."""
+    names = list(results_by_config)
+    rows = []
+
+    def row(label: str, get) -> None:
+        cells = []
+        for n in names:
+            try:
+                cells.append(get(results_by_config[n]))
+            except KeyError:
+                cells.append("-")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    ms = lambda v: f"{v['p50']:.2f} / {v['p99']:.2f}"  # noqa: E731
+    row("text encoder", lambda r: f"{r['text_runtime']} {r['text_quantize']}")
+    row("engine; worker batch size", lambda r: f"{r['backend']}; {r['serve_batch_size']}")
+    row("REST end to end, 1 typed query, p50 / p99 ms",
+        lambda r: f"{r['rest']['sequential']['p50_ms']:.2f} / {r['rest']['sequential']['p99_ms']:.2f}")
+    row("in the worker: encode (text + query), p50 / p99 ms", lambda r: ms(r["rest"]["sequential"]["inside_worker_ms"]["encode"]))
+    row("in the worker: score, p50 / p99 ms", lambda r: ms(r["rest"]["sequential"]["inside_worker_ms"]["score"]))
+    row("in process: text encoding, p50 / p99 ms", lambda r: ms(r["in_process"]["text_encoding_ms"]))
+    row("in process: query encoding, p50 / p99 ms", lambda r: ms(r["in_process"]["query_encoding_ms"]))
+    row("in process: scoring, p50 / p99 ms", lambda r: ms(r["in_process"]["scoring_ms"]))
+    row("REST throughput, 4 clients, req/s (errors)",
+        lambda r: f"{r['rest']['concurrent']['throughput_rps']:.1f} ({r['rest']['concurrent']['errors']})")
+    first = results_by_config[names[0]]
+    head = [f"| {first['videos']:,} videos x 32 clips, torch threads {first['torch_threads']} | "
+            + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    return "\n".join(head + rows) + (
+        "\n\nThe exact engine certifies its top-10 (the ranking `prvr evaluate` computes, "
+        "tests/test_serving.py); a random-weight model over search_bench's structured corpus.")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                   help="configurations measured one after the other in this run (default: all)")
     p.add_argument("--checkpoint", default=None, help="MS-SL++ checkpoint (default: random init, MiniLM dims)")
     p.add_argument("--videos", type=int, default=2179, help="corpus size (default: TVR test, 2179)")
     p.add_argument("--requests", type=int, default=200, help="sequential REST requests / in-process queries")
@@ -211,93 +316,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="text.precision of the (random) checkpoint: the MiniLM's matmul precision")
     p.add_argument("--corpus", default="structured", choices=("structured", "isotropic"),
                    help="corpus vectors, as in search_bench.py (recall depends on it, exact speed does not)")
-    p.add_argument("--backend", default=None, choices=("exact", "faiss"),
-                   help="engine served (default search.backend); faiss uses --refine / --candidates")
-    p.add_argument("--refine", type=int, default=None, help="faiss hits re-scored per query (search.refine)")
-    p.add_argument("--candidates", type=int, default=None, help="videos re-ranked exactly (search.candidates)")
-    p.add_argument("--refine-codes", default=None,
-                   help="what re-scores the faiss hits (search.refine_codes): arrays, fp16, sq8, pq<M>")
     p.add_argument("--no-rest", action="store_true", help="skip TorchServe (in-process numbers only)")
     p.add_argument("--ts-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a serving/config.properties entry for the run (repeatable)")
     add_config_args(p)
-    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--name", default=None, help="write results/NAME.json (benchmarks/results.py) and its block")
     args = p.parse_args(argv)
-
-    cfg = config_from_args(args)
-    cfg.search = cfg.search.replace(**{key: getattr(args, key) for key in
-                                       ("backend", "refine", "candidates", "refine_codes")
-                                       if getattr(args, key) is not None})
-    threads = args.threads or cfg.serve.threads
-    torch.set_num_threads(threads)
-    os.environ["PRVR_TORCH_THREADS"] = str(threads)      # inherited by the TorchServe worker
-    from prvr.archive import build_archive
-    from prvr.server import TorchServe
-    from prvr.serving import Retriever
-    from prvr.text import TextEncoder
-
-    encoder = TextEncoder("minilm", cfg.model.max_desc_len, args.text_precision, runtime=cfg.text.runtime,
-                          quantize=cfg.text.quantize)
-    with tempfile.TemporaryDirectory(prefix="prvr-serve-bench-") as tmp:
-        tmp = Path(tmp)
-        ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(tmp / "model.pt", encoder.dim, encoder.name,
-                                                                          text_precision=args.text_precision)
-        index = make_index(ckpt, tmp / "index", args.videos, "bench", args.corpus)
-        retriever = Retriever.load(ckpt, index, "bench", encoder=encoder, search_cfg=cfg.search)
-        result = {"videos": args.videos, "corpus": args.corpus, "torch_threads": torch.get_num_threads(),
-                  "text_encoder": encoder.name, "backend": cfg.search.backend,
-                  "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                  "cpus": len(__import__("os").sched_getaffinity(0)),
-                  "load_avg_at_start": list(__import__("os").getloadavg()),
-                  "in_process": in_process(retriever, args.requests),
-                  "engines": engines_side_by_side(retriever, cfg.search, args.requests)}
-        del retriever
-        if not args.no_rest:
-            mar = build_archive(ckpt, index, tmp / "store", "bench", "prvr", cfg)
-            ts_set = dict(kv.split("=", 1) for kv in args.ts_set)
-            with TorchServe(tmp / "ts", tmp / "store", {"prvr": mar.name}, overrides=ts_set, free_ports=True) as ts:
-                result["rest"] = rest(ts, args.requests, args.clients, args.per_client)
-                result["rest"]["batch_size"], result["rest"]["max_batch_delay_ms"] = \
-                    cfg.serve.batch_size, cfg.serve.max_batch_delay_ms
-                result["rest"]["torchserve_overrides"] = ts_set
-        result["load_avg_at_end"] = list(__import__("os").getloadavg())
-
-    ip = result["in_process"]
-    rows = [("in-process text encoding (MiniLM)", ip["text_encoding_ms"]),
-            ("in-process query encoding (MS-SL++)", ip["query_encoding_ms"]),
-            ("in-process scoring, 1 query", ip["scoring_ms"]),
-            ("in-process total, 1 query", ip["total_ms"]),
-            ("  CPU time: text encoding", ip["cpu_ms"]["text"]),
-            ("  CPU time: query encoding", ip["cpu_ms"]["query"]),
-            ("  CPU time: scoring", ip["cpu_ms"]["score"]),
-            ("  CPU time: total (all threads)", ip["cpu_ms"]["total"])]
-    print(f"corpus {args.videos} videos x 32 clips x 384 ({args.corpus}); text encoder {encoder.name}; "
-          f"served engine {cfg.search.backend}; torch threads {result['torch_threads']}; "
-          f"load avg {result['load_avg_at_start'][0]:.1f} -> {result['load_avg_at_end'][0]:.1f}")
-    print(f"{'':44}{'p50 ms':>10}{'p99 ms':>10}")
-    for name, v in rows:
-        print(f"{name:44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
-    print(f"{'in-process scoring, batch of 64 (per query)':44}{ip['scoring_batched_64_ms_per_query']:>10.2f}")
-    en = result["engines"]
-    for name in ("exact", "faiss"):
-        v = en[f"{name}_scoring_ms"]
-        print(f"{'  scoring 1 query, ' + name + ' engine':44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
-    print(f"  faiss (refine {en['faiss_refine']} with {en['faiss_refine_codes']}, candidates "
-          f"{en['faiss_candidates']}): top-10 overlap with "
-          f"exact {en['faiss_overlap10']:.3f} on structured queries; built in {en['faiss_build_s']:.1f} s")
-    if "rest" in result:
-        s, c = result["rest"]["sequential"], result["rest"]["concurrent"]
-        print(f"{'REST single text query, end to end':44}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}")
-        for stage in ("encode", "score"):
-            v = s["inside_worker_ms"][stage]
-            print(f"{'  inside the worker (Server-Timing): ' + stage:44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
-        print("  inside the worker, mean ms per request: " + ", ".join(
-            f"{k[:-3]} {v:.2f}" for k, v in sorted(s["inside_worker_mean"].items())))
-        print(f"REST throughput: {c['throughput_rps']:.1f} req/s with {c['clients']} clients "
-              f"({c['requests']} requests, {c['errors']} errors)")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.name and args.no_rest:
+        p.error("--name records REST figures: drop --no-rest")
+    started, measured = results.meta(argv), {}
+    for name in args.configs:
+        cfg = load_config(args.params, args.overrides + CONFIGS[name])
+        with tempfile.TemporaryDirectory(prefix="prvr-serve-bench-") as tmp:
+            measured[name] = measure(cfg, args, Path(tmp))
+        report(name, measured[name])
+    if args.name:
+        print(results.write(args.name, measured, markdown(measured), argv, started=started))
     return 0
 
 

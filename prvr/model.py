@@ -290,23 +290,28 @@ def fuse(clip: Any, frame: Any, alpha: float) -> Any:
 
 
 def score(queries: torch.Tensor, clips: torch.Tensor, attended: torch.Tensor,
-          alpha: float, video_chunk: int = 4096) -> Scores:
+          alpha: float, video_chunk: int = 4096, unit: bool = False) -> Scores:
     """Fused, clip-scale and frame-scale scores of queries (Q, H) against videos (V, K, H).
 
     S_c = max over clips of cosine(query, clip); the argmax is the key clip;
     S_f = cosine(query, attended vector of the key clip); S = fuse(S_c, S_f, alpha).
-    Videos are processed in chunks so memory stays bounded for large corpora.
+    Videos are processed in chunks so memory stays bounded for large corpora. `unit`: the
+    clips and attended vectors are unit vectors already (normalised once by a caller that
+    scores many query batches), so the chunks are not normalised again.
     """
     q = F.normalize(queries.float(), dim=-1)                              # (Q, H)
+    (V, K, H), Q = clips.shape, len(q)
     # bound each (Q, v, K) block to ~2^26 floats whatever the number of clips K
-    video_chunk = max(1, min(video_chunk, (1 << 26) // max(1, len(q) * clips.shape[1])))
+    video_chunk = max(1, min(video_chunk, (1 << 26) // max(1, Q * K)))
     out = []
-    for start in range(0, clips.shape[0], video_chunk):
-        c = F.normalize(clips[start:start + video_chunk].float(), dim=-1)  # (v, K, H)
-        a = F.normalize(attended[start:start + video_chunk].float(), dim=-1)
-        sims = torch.einsum("qh,vkh->qvk", q, c)                         # (Q, v, K)
+    for start in range(0, V, video_chunk):
+        c, a = clips[start:start + video_chunk].float(), attended[start:start + video_chunk].float()
+        if not unit:
+            c, a = F.normalize(c, dim=-1), F.normalize(a, dim=-1)         # (v, K, H)
+        v = len(c)
+        sims = (q @ c.reshape(v * K, H).T).view(Q, v, K)                  # (Q, v, K)
         clip_score, key = sims.max(-1)                                    # (Q, v)
-        frame_all = torch.einsum("qh,vkh->qvk", q, a)                    # (Q, v, K)
+        frame_all = (q @ a.reshape(v * K, H).T).view(Q, v, K)             # (Q, v, K)
         frame_score = frame_all.gather(2, key.unsqueeze(-1)).squeeze(-1)  # (Q, v)
         out.append((clip_score, frame_score, key))
     clip_score = torch.cat([o[0] for o in out], 1)
@@ -444,10 +449,15 @@ class PRVRModel(nn.Module):
         V = enc_units.shape[0]
         table = self.length_drop(self.length_table.expand(V, -1, -1))     # (V, U, E)
         length = (self.spans[:, 1] - self.spans[:, 0] - 1)                # (N,) length index
-        gram += (table @ table.transpose(1, 2))[:, length][:, :, length]  # (V, N, N)
+        G = table @ table.transpose(1, 2)                                 # (V, U, U)
+        # G[:, length][:, :, length] as two row gathers (a gather along the last dim is slow)
+        cols = G.transpose(1, 2).index_select(1, length).transpose(1, 2).contiguous()  # (V, U, N)
+        by_length = cols.index_select(1, length)                          # (V, N, N)
+        gram += by_length                                                 # (V, N, N)
         sq = gram.diagonal(dim1=1, dim2=2)                                # (V, N)
-        # in place over (V, N, N): the same bits as sq_i + sq_j - 2 gram (2 gram is exact)
-        dist = (sq[:, :, None] + sq[:, None, :]).sub_(gram, alpha=2)
+        # sq_i + sq_j into the spent buffer, then - 2 gram in place: the bits of
+        # sq_i + sq_j - 2 gram (2 gram is exact) with no further (V, N, N) allocation
+        dist = torch.add(sq[:, :, None], sq[:, None, :], out=by_length).sub_(gram, alpha=2)
         return dist.clamp_min_(0).sqrt_(), sq.clamp_min(0).sqrt()
 
     def key_clip_attention(self, clips: torch.Tensor, frames: torch.Tensor,

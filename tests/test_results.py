@@ -41,14 +41,22 @@ MEASURED = re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|us|videos/s|queries/s|req/s|GiB|G
                       r"|\b\d+(?:\.\d+)?x\b|SumR \d")
 
 
-def test_the_readme_quotes_measured_figures_only_in_results_blocks() -> None:
-    text = results.BLOCK.sub("", (ROOT / "README.md").read_text())
-    assert MEASURED.findall(text) == []
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_documents_quote_measured_figures_only_in_results_blocks(doc: Path) -> None:
+    text = results.BLOCK.sub("", doc.read_text())
+    assert MEASURED.findall(text) == [], f"{doc.name}: measured figures outside a results block"
 
 
 def test_the_measured_figure_pattern_catches_figures() -> None:
     found = MEASURED.findall("p50 11.6 ms, 20.7 videos/s, 31x, 5.9 GiB, SumR 378 | 128 videos, 2 cores")
     assert found == ["11.6 ms", "20.7 videos/s", "31x", "5.9 GiB", "SumR 3"]
+
+
+def test_the_measured_figure_pattern_leaves_settings_alone() -> None:
+    """Settings and budgets the docs state (a limit, a timeout, a target) are not measurements."""
+    text = ("serve.max_body_bytes (4 MiB), an 8-GiB budget, a 20-ms target, above 0.25 s, "
+            "60 s timeout, 2,179 videos, nprobe 128, 2 x N x K x H x 4 bytes, S3's cap (5 GB)")
+    assert MEASURED.findall(text) == []
 
 
 BLOCK_NAMES = sorted({m["name"] for doc in DOCS for m in results.BLOCK.finditer(doc.read_text())})
