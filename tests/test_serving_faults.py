@@ -136,8 +136,10 @@ def _wait(pred, what: str, timeout: float) -> None:
 
 def test_sigkill_of_the_worker_during_a_request_stream(server):
     """SIGKILL the worker mid-stream: TorchServe starts a new one; requests queued in the gap wait
-    for it (or, the one in flight, get TorchServe's 5xx JSON); none goes unanswered; answers after
-    the restart equal those before; the model stays registered with the same version."""
+    for it; the one in flight gets TorchServe's 5xx JSON or, in TorchServe 0.12, sometimes no
+    answer at all (a race in its frontend, seen in 1 of 3 runs; docs/serving.md): no other
+    request goes unanswered; answers after the restart equal those before; the model stays
+    registered with the same version."""
     before = server.infer(GOOD).json()
     [old_pid] = ready_pids(server)
     client_timeout = 120.0
@@ -161,7 +163,8 @@ def test_sigkill_of_the_worker_during_a_request_stream(server):
     slowest = max(seconds for _, seconds, _ in results)
     print(f"SIGKILL worker {old_pid} after {killed_at} answers: {len(results)} requests, status codes "
           f"{dict(codes)}, new worker READY after {restart_s:.1f} s, slowest answer {slowest:.1f} s")
-    assert 0 not in codes, [r for r in results if r[0] == 0][:3]           # every request got an answer
+    unanswered = [i for i, (code, _, _) in enumerate(results) if code == 0]
+    assert unanswered in ([], [killed_at]), [results[i] for i in unanswered][:3]   # only the one in flight
     errors = [json.loads(text) for code, _, text in results if code != 200]
     assert all(500 <= e["code"] < 600 and e["message"] for e in errors), errors[:3]   # TorchServe's JSON
     assert all(ranking(json.loads(text)) == ranking(before) for code, _, text in results if code == 200)
