@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    workdir = Path(args.workdir)
+    workdir, started = Path(args.workdir), results.meta(argv)   # the commit that ran, not one made meanwhile
     t0 = time.perf_counter()
     index = make_corpus(args.videos, args.seed, "float16", workdir)
     corpus_s = round(time.perf_counter() - t0, 1)
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["rows"] += sweep(index, codes, q, gt[:, :10], args, corpus_tag)
         md = markdown(figures["rows"], args, gt_ms)
         if args.name:                                    # after each code: a long run keeps what it measured
-            print(results.write(args.name, figures, md, argv), file=sys.stderr)
+            print(results.write(args.name, figures, md, argv, started=started), file=sys.stderr)
     print(md)
     return 0
 
