@@ -23,7 +23,7 @@ from prvr.model import VideoEmbeddings
 from prvr.search import ExactSearch, VideoIndex, build_index_from_embeddings, make_engine
 from prvr.search.ann import FaissSearch, ann_params, train_and_add
 from prvr.search import build as build_mod
-from prvr.search.exact import bf16_supported
+from prvr.search.exact import BF16_OUT_REL, bf16_supported
 
 
 def _emb(N: int, K: int = 8, H: int = 32, seed: int = 0, dup: bool = True) -> VideoEmbeddings:
@@ -232,13 +232,30 @@ def test_exact_search_equals_the_pair_by_pair_reference(tmp_path, precision):
     for k in (1, 10, 50):
         check_against_reference(eng.search(q, k), ref, 0.7, k)
     one = tuple(r[:1] for r in ref)
-    for i in range(3):                                             # few queries: gathered frame side
+    assert eng._mv == (precision == "bf16")          # one query: the bf16 matrix-vector screen
+    for i in range(len(q)):                                        # few queries: gathered frame side
         check_against_reference(eng.search(q[i:i + 1], 10), tuple(r[i:i + 1] for r in ref), 0.7, 10)
     check_against_reference(eng.search(q[:3], 10), tuple(r[:3] for r in ref), 0.7, 10)
     check_against_reference(eng.search(q[0].numpy(), 5, alpha=0.3), one, 0.3, 5)    # ndarray (H,)
     everything = eng.search(q, 10_000)                             # top_k clamps to N
     assert everything.video_idx.shape == (40, 700)
     assert (everything.video_idx.sort(1).values == torch.arange(700)).all()
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="no native bf16 on this CPU")
+@pytest.mark.parametrize("queries", [1, 4])
+def test_bf16_screen_stays_within_its_error_bound(tmp_path, queries):
+    """The certificate rests on |screened - exact product of the bf16 inputs| <= BF16_OUT_REL |x|
+    + H 2^-24, for the one-query matrix-vector product and the batched one (bf16 keeps 8
+    significant bits: a bound of 2^-9 |x| fails here)."""
+    emb = _emb(3000, K=8, H=384, dup=False)
+    eng = ExactSearch(VideoIndex.load(_write(emb, tmp_path / "idx")), precision="bf16")
+    qb = _queries(emb, queries).bfloat16()
+    got = eng._screen(qb, 0, eng.N).double()                                          # (Q, N*K)
+    exact = qb.double() @ eng._c16.double().T
+    slack = BF16_OUT_REL * exact.abs() + 384 * 2.0 ** -24 - (got - exact).abs()
+    assert float(slack.min()) >= 0
+    assert bool(((got - exact).abs() > 2.0 ** -9 * exact.abs() + 384 * 2.0 ** -24).any())
 
 
 def test_fp16_index_close_to_fp32(tmp_path):

@@ -5,9 +5,10 @@ the same ranking comes from two stages:
 
 1. Screening in bf16 (native AVX-512 BF16 matmuls, ~3-4x fp32 speed) of every
    clip and attended vector, with a rigorous error bound `eps` on each cosine.
-   A single query screens the clips in fp16 instead (a memory-bound matrix-vector
-   product: same bytes, 8x tighter bound) and, like any small batch, computes the
-   frame score only at the clips that may be its key clip, not over all K.
+   A single query screens the clips with a bf16 matrix-vector product (memory-bound:
+   about twice as fast as the same product as a one-row matrix) and, like any small
+   batch, computes the frame score only at the clips that may be its key clip, not
+   over all K.
    From it each video gets an upper bound on its exact fused score (taking into
    account that the key clip may be any clip within 2*eps of the screened max).
 2. Exact fp32 re-scoring of the M best videos by that bound (only the clips that
@@ -36,10 +37,8 @@ __all__ = ["SearchResult", "ExactSearch", "bf16_supported", "as_queries",
 
 # Error of a bf16 product q~.c~ against the fp32 q.c (Cauchy-Schwarz, no cancellation assumed):
 #   |q~.c~ - q.c| <= ||q~ - q|| ||c~|| + ||q|| ||c~ - c||  (input rounding, measured exactly)
-#                  + 2^-9 |x| (bf16 output rounding)  + H 2^-24 (fp32 accumulation).
-BF16_OUT_REL = 2.0 ** -9 * 1.01
-FP16_OUT_REL = 2.0 ** -11 * 1.01      # fp16 output rounding (fp32 accumulation: checked at init)
-FP16_COPY_MAX_BYTES = 1 << 30         # keep the single-query fp16 clip copy up to this size
+#                  + 2^-8 |x| (bf16 output rounding: 8 significant bits) + H 2^-24 (fp32 accumulation).
+BF16_OUT_REL = 2.0 ** -8 * 1.01       # (fp32 accumulation and one rounding: checked at init)
 
 
 class SearchResult(NamedTuple):
@@ -108,11 +107,10 @@ class ExactSearch:
 
     precision: "auto" (bf16 screening + certified fp32 re-scoring when the CPU has
     native bf16, else fp32), "bf16" or "fp32" (chunked fp32 products only, no copy).
-    The bf16 path keeps a bf16 copy of both arrays in RAM (4 bytes per value pair), and
-    for single queries an fp16 copy of the clips up to FP16_COPY_MAX_BYTES."""
+    The bf16 path keeps a bf16 copy of both arrays in RAM (4 bytes per value pair)."""
 
     def __init__(self, index: VideoIndex, video_chunk: int = 4096, precision: str = "auto",
-                 margin: int = 32, gather_queries: int = 4, fp16_single: bool = True):
+                 margin: int = 32, gather_queries: int = 4):
         if precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto | bf16 | fp32, got {precision!r}")
         self.index = index
@@ -129,11 +127,8 @@ class ExactSearch:
         if self.precision == "bf16":
             self._c16, self._c_err, self._c_norm = self._low_copy(self._clips)   # (N*K, H) bfloat16
             self._a16, self._a_err, self._a_norm = self._low_copy(self._attended)
-        self._c16h = None
-        if self.precision == "bf16" and fp16_single and N * K * H * 2 <= FP16_COPY_MAX_BYTES:
-            self._c16h, self._ch_err, self._ch_norm = self._low_copy(self._clips, torch.float16)
-            if not self._fp16_accumulates_in_fp32():
-                self._c16h = None
+        # one query: a matrix-vector product, if this build's accumulates in fp32 as the bound assumes
+        self._mv = self.precision == "bf16" and self._mv_accumulates_in_fp32()
 
     @staticmethod
     def _low_copy(arr: np.ndarray, dtype: torch.dtype = torch.bfloat16,
@@ -148,15 +143,16 @@ class ExactSearch:
             norm = max(norm, float(xb.float().norm(dim=-1).max()))
         return out, err * 1.001, norm * 1.001
 
-    def _fp16_accumulates_in_fp32(self, rows: int = 4096) -> bool:
-        """The fp16 bound assumes fp32 accumulation; a build that accumulates in fp16 would
-        break it, so check on real rows and drop the fp16 path if it does not hold."""
+    def _mv_accumulates_in_fp32(self, rows: int = 4096) -> bool:
+        """The bound assumes fp32 accumulation and one bf16 rounding of each output; a build
+        whose matrix-vector product does otherwise would break it, so check on real rows and
+        keep the one-row matrix product if it does not hold."""
         g = torch.Generator().manual_seed(0)
-        qh = F.normalize(torch.randn(4, self.H, generator=g), dim=-1).half()
-        c = self._c16h[:rows]
-        got = torch.stack([F.linear(qh[i:i + 1], c)[0] for i in range(len(qh))]).double()
-        ref = qh.double() @ c.double().T
-        return bool(((got - ref).abs() <= FP16_OUT_REL * ref.abs() + self.H * 2.0 ** -24).all())
+        qb = F.normalize(torch.randn(4, self.H, generator=g), dim=-1).bfloat16()
+        c = self._c16[:rows]
+        got = torch.stack([torch.mv(c, qb[i]) for i in range(len(qb))]).double()
+        ref = qb.double() @ c.double().T
+        return bool(((got - ref).abs() <= BF16_OUT_REL * ref.abs() + self.H * 2.0 ** -24).all())
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor | np.ndarray, top_k: int = 10,
@@ -213,13 +209,7 @@ class ExactSearch:
         dq = (qb.float() - q).norm(dim=-1) * 1.001                                         # (Q,)
         acc = H * 2.0 ** -24
         e_a = (dq * self._a_norm + self._a_err + acc)[:, None]
-        if Q == 1 and self._c16h is not None:            # one query: fp16 matrix-vector product
-            ql, clips, out_rel = q.half(), self._c16h, FP16_OUT_REL
-            dql = (ql.float() - q).norm(dim=-1) * 1.001
-            e_c = (dql * self._ch_norm + self._ch_err + acc)[:, None]                     # (Q, 1)
-        else:
-            ql, clips, out_rel = qb, self._c16, BF16_OUT_REL
-            e_c = (dq * self._c_norm + self._c_err + acc)[:, None]
+        e_c = (dq * self._c_norm + self._c_err + acc)[:, None]                            # (Q, 1)
         ub_val = torch.full((Q, 0), float("-inf"))
         ub_idx = torch.zeros((Q, 0), dtype=torch.long)
         near_sel = torch.zeros((Q, 0, K), dtype=torch.bool)
@@ -227,11 +217,11 @@ class ExactSearch:
             end = min(start + self.video_chunk, self.N)
             n = end - start
             # fp32 copy first: reductions over the last dim are ~10x slower in bf16 on CPU
-            s = F.linear(ql, clips[start * K:end * K]).float().view(Q, n, K)               # (Q, n, K)
+            s = self._screen(qb, start, end).view(Q, n, K)                                 # (Q, n, K)
             smax = s.amax(-1)                                                              # (Q, n)
             # output rounding matters only near each video's max: |x| <= max|smax| + window
-            big = smax.abs().amax(1, keepdim=True) + 2 * (e_c + 2 * out_rel)              # (Q, 1)
-            err_c = e_c + out_rel * big
+            big = smax.abs().amax(1, keepdim=True) + 2 * (e_c + 2 * BF16_OUT_REL)              # (Q, 1)
+            err_c = e_c + BF16_OUT_REL * big
             near = s >= (smax - 2 * err_c)[..., None]       # clips that may be the exact key clip
             fmax = self._frame_max(qb, near, start)                                        # (Q, n)
             ub = fuse(smax + err_c, fmax + e_a + BF16_OUT_REL * fmax.abs(), alpha)
@@ -251,6 +241,13 @@ class ExactSearch:
             fix = self._search_fp32(q[bad], k, alpha)
             res = SearchResult(*(r.index_copy(0, bad, fx) for r, fx in zip(res, fix)))
         return res
+
+    def _screen(self, qb: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """bf16 clip scores of videos start..end as fp32 (Q, n*K)."""
+        clips = self._c16[start * self.K:end * self.K]
+        if len(qb) == 1 and self._mv:
+            return torch.mv(clips, qb[0]).float()[None]
+        return F.linear(qb, clips).float()
 
     def _frame_max(self, qb: torch.Tensor, near: torch.Tensor, start: int) -> torch.Tensor:
         """Screened frame score max over each video's near-key clips (Q, n, K) -> (Q, n).
