@@ -9,12 +9,12 @@ checkpoint (``--checkpoint``; default a randomly initialised one with MiniLM tex
 and queries go through the real MiniLM text encoder.
 
 `--configs` names the configurations measured one after the other (CONFIGS: `default`, what
-`prvr serve` runs, and `low-latency`), each over params.yaml and `--set`; in process the
+`prvr serve` runs, and variations of it), each over params.yaml and `--set`; in process the
 exact and faiss engines are also timed side by side, with the faiss top-10
 overlap against exact on search_bench.py's queries (noisy copies of a video's vectors:
 a random-init model's text queries carry no structure to measure recall with).
 
-    python benchmarks/serve_bench.py --name serve           # default and low-latency, results/serve.json
+    python benchmarks/serve_bench.py --name serve           # every configuration, results/serve.json
     python benchmarks/serve_bench.py --configs default --threads 1 --set search.backend=faiss --no-rest
 """
 from __future__ import annotations
@@ -56,6 +56,8 @@ def make_checkpoint(path: Path, cfg, text_dim: int, encoder_name: str, video_dim
     from prvr.model import PRVRModel
 
     cfg.model.video_dim, cfg.model.text_dim = video_dim, text_dim
+    if text_precision != "float32":
+        cfg.text.quantize = "none"                    # int8 quantizes the float32 encoder only
     cfg.text.precision = text_precision
     torch.manual_seed(0)
     torch.save({"state_dict": PRVRModel(cfg.model).state_dict(), "config": cfg.to_dict(), "epoch": 0,
@@ -199,11 +201,12 @@ def rest(ts, n: int, clients: int, per_client: int) -> dict:
 
 
 # What each named configuration changes over params.yaml (+ --set). `default` is what
-# `prvr serve` runs; `low-latency` trades the text encoder's float32 weights for int8 ones
-# (another encoder by name: a model trained with it; top-10 agreement in text_bench.py)
-# and answers each request alone instead of waiting for batch mates.
-CONFIGS = {"default": [],
-           "low-latency": ["text.quantize=int8", "serve.batch_size=1"]}
+# `prvr serve` runs; `fp32-text` the text encoder's float32 weights instead of int8 ones
+# (another encoder by name: a model trained with it; top-10 agreement in text_bench.py);
+# `batch-1` / `batch-4` answer each request alone / let it wait up to
+# serve.max_batch_delay_ms for batch mates.
+CONFIGS = {"default": [], "fp32-text": ["text.quantize=none"],
+           "batch-1": ["serve.batch_size=1"], "batch-4": ["serve.batch_size=4"]}
 
 
 def measure(cfg, args, tmp: Path) -> dict:
@@ -216,8 +219,9 @@ def measure(cfg, args, tmp: Path) -> dict:
     threads = args.threads or cfg.serve.threads
     torch.set_num_threads(threads)
     os.environ["PRVR_TORCH_THREADS"] = str(threads)      # inherited by the TorchServe worker
+    quantize = cfg.text.quantize if args.text_precision == "float32" else "none"
     encoder = TextEncoder("minilm", cfg.model.max_desc_len, args.text_precision, runtime=cfg.text.runtime,
-                          quantize=cfg.text.quantize)
+                          quantize=quantize, threads=cfg.serve.text_threads)      # as in the worker
     ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(
         tmp / "model.pt", copy.deepcopy(cfg), encoder.dim, encoder.name, text_precision=args.text_precision)
     index = make_index(ckpt, tmp / "index", args.videos, "bench", args.corpus)

@@ -286,6 +286,7 @@ class ServeConfig(_Section):
     batch_size: PosInt
     max_batch_delay_ms: Count
     threads: PosInt
+    text_threads: PosInt                            # ONNX Runtime threads of the text encoder
     corpus: Text                                    # all | a split | a file of video ids
     client_timeout_ms: Count                        # TorchServe clientTimeoutInMills; 0 = none
 

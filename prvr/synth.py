@@ -53,9 +53,9 @@ PRESETS: dict[str, Preset] = {
     # Where the variants separate: longer videos whose moments are mostly very short, noisier
     # frames, and several distractor events per video that share actor, action or place
     # with an earlier video's event (only one attribute differs).
-    "hard": Preset({"train": 400, "val": 150, "test": 300}, 512, (40, 120, 300), (3, 5), "synth_feat",
-                   noise_std=1.4, share=(0.8, 0.85), distractors=4, mutate=0.9,
-                   moments=(0.85, 0.1, 0.05), short=(0.01, 0.05)),
+    "hard": Preset({"train": 600, "val": 150, "test": 300}, 512, (40, 120, 300), (3, 5), "synth_feat",
+                   noise_std=1.0, share=(0.8, 0.85), distractors=3, mutate=0.8,
+                   moments=(0.8, 0.15, 0.05), short=(0.02, 0.1)),
 }
 
 # Each attribute value: a list of synonyms. Actions are (3rd person, -ing) pairs.

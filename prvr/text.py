@@ -321,7 +321,8 @@ class TextEncoder:
     PRECISIONS = ("float32", "bfloat16")
 
     def __init__(self, name: str, max_tokens: int, precision: str, device: str = "cpu",
-                 runtime: str = "torch", quantize: str = "none", onnx_cache: str | Path | None = None):
+                 runtime: str = "torch", quantize: str = "none", onnx_cache: str | Path | None = None,
+                 threads: int | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")       # nothing may download
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -349,10 +350,10 @@ class TextEncoder:
             self.runtime = "torch"                 # the same float32 features either way
         if self.runtime == "onnx":
             # the same fp32 features (to ~1e-5) from ONNX Runtime; int8 weights with text.quantize.
-            # Its threads: torch's count now (a TorchServe worker sets serve.threads first).
+            # Its threads: `threads`, else torch's count now (a TorchServe worker sets serve.threads first).
             digest = weights_digest(self.model)
             self._forward: Any = OnnxBert(onnx_file(self.model, quantize, onnx_cache, digest), digest,
-                                          quantize, torch.get_num_threads())
+                                          quantize, threads or torch.get_num_threads())
         else:
             self._forward = LeanBert(self.model, low) if LeanBert.supports(self.model) else None
         self._autocast = low if self._forward is None else None
@@ -386,11 +387,13 @@ class TextEncoder:
         return self.model(**batch).last_hidden_state
 
     @classmethod
-    def from_config(cls, cfg: Any, name: str | None = None, device: str = "cpu") -> "TextEncoder":
+    def from_config(cls, cfg: Any, name: str | None = None, device: str = "cpu",
+                    threads: int | None = None) -> "TextEncoder":
         """The encoder `cfg.text` names, with its precision; queries are cut at the model's
         model.max_desc_len tokens, so encoder and model agree on one limit."""
         t = cfg.text
-        return cls(name or t.encoder, cfg.model.max_desc_len, t.precision, device, t.runtime, t.quantize)
+        return cls(name or t.encoder, cfg.model.max_desc_len, t.precision, device, t.runtime, t.quantize,
+                   threads=threads)
 
 
 def encode_collection(collection_path: str | Path, encoder: TextEncoder, out_file: str | Path | None = None,

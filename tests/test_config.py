@@ -325,6 +325,7 @@ def test_valid_assignments_work_as_before():
     cfg, other = default_config(), default_config()
     cfg.model.video_dim, cfg.model.text_dim = np.int64(512), 384
     cfg.train.epochs = 3
+    cfg.text.quantize = "none"
     cfg.text.precision = "bfloat16"
     other.data = cfg.data
     assert (cfg.model.video_dim, cfg.model.text_dim, cfg.train.epochs) == (512, 384, 3)

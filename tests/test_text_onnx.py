@@ -95,10 +95,11 @@ def test_the_settings_choose_the_path(onnx_cache, onnx_fp32, onnx_int8, monkeypa
     monkeypatch.setenv("PRVR_ONNX_CACHE", str(onnx_cache))
     before = {p: p.stat().st_mtime_ns for p in onnx_cache.glob("*.onnx")}
     assert len(before) == 2
-    on_torch = TextEncoder.from_config(load_config(overrides=["text.runtime=torch"]))
-    on_onnx = TextEncoder.from_config(load_config(overrides=["text.runtime=onnx"]))
-    int8 = TextEncoder.from_config(load_config(overrides=["text.quantize=int8"]))
-    bf16 = TextEncoder.from_config(load_config(overrides=["text.runtime=onnx", "text.precision=bfloat16"]))
+    fp32 = ["text.quantize=none"]
+    on_torch = TextEncoder.from_config(load_config(overrides=fp32 + ["text.runtime=torch"]))
+    on_onnx = TextEncoder.from_config(load_config(overrides=fp32 + ["text.runtime=onnx"]))
+    int8 = TextEncoder.from_config(load_config())                                # the default
+    bf16 = TextEncoder.from_config(load_config(overrides=fp32 + ["text.runtime=onnx", "text.precision=bfloat16"]))
     assert isinstance(on_torch._forward, LeanBert) and on_torch.runtime == "torch"
     assert isinstance(on_onnx._forward, OnnxBert) and on_onnx._forward.path == onnx_fp32._forward.path
     assert isinstance(int8._forward, OnnxBert) and int8._forward.path == onnx_int8._forward.path
@@ -169,5 +170,7 @@ def test_config_checks_the_text_settings():
         load_config(overrides=["text.precision=bfloat16", "text.quantize=int8"])
     with pytest.raises(ConfigError, match="text.runtime must be one of"):
         load_config(overrides=["text.runtime=tensorflow"])
-    cfg = load_config(overrides=["text.runtime=onnx", "text.precision=bfloat16"])   # bf16 runs on torch
+    with pytest.raises(ConfigError, match="quantizes the float32 encoder"):      # int8 is the default
+        load_config(overrides=["text.precision=bfloat16"])
+    cfg = load_config(overrides=["text.runtime=onnx", "text.quantize=none", "text.precision=bfloat16"])
     assert (cfg.text.runtime, cfg.text.precision) == ("onnx", "bfloat16")

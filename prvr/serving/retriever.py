@@ -129,7 +129,7 @@ class Retriever:
                            "features only; typed queries are refused", version, trained_with)
             encoder = None
         elif encoder is None and load_encoder:
-            encoder = TextEncoder.from_config(cfg)
+            encoder = TextEncoder.from_config(cfg, threads=(serve_cfg or cfg.serve).text_threads)
         if encoder is not None:
             check_text_encoder(encoder, trained_with, cfg.model.text_dim)
         serve_cfg = serve_cfg or cfg.serve        # default: the settings the checkpoint carries
