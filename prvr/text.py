@@ -361,8 +361,14 @@ class TextEncoder:
         self.dim = int(self.model.config.hidden_size)
 
     def encode(self, sentences: Sequence[str], batch_size: int = 128) -> list[np.ndarray]:
-        """float32 (L_i, dim) per sentence, L_i <= max_tokens; batches group similar lengths."""
+        """float32 (L_i, dim) per sentence, L_i <= max_tokens; batches group similar lengths.
+
+        int8 encodes one sentence at a time: its activations are quantized with one scale per
+        call, so in a batch a sentence's features would depend on its batch mates (and the
+        training features on the batch size) instead of on the sentence alone, as served."""
         sentences = list(sentences)
+        if self.quantize != "none":
+            batch_size = 1
         lengths = [len(s) for s in sentences]
         order = sorted(range(len(sentences)), key=lengths.__getitem__)
         out: list[np.ndarray] = [np.empty(0)] * len(sentences)
