@@ -78,6 +78,15 @@ def tiny_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def text_encoder():
+    """The encoder the default params.yaml names (what `prvr encode-text` and a served worker use)."""
+    from prvr.text import TextEncoder
+
+    return TextEncoder.from_config(load_config())
+
+
+@pytest.fixture(scope="session")
+def fp32_encoder():
+    """The MiniLM in float32 on torch: the reference the other runtimes are held to."""
     from prvr.text import TextEncoder
 
     return TextEncoder("minilm", max_tokens=30, precision="float32")

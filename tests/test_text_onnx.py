@@ -48,30 +48,30 @@ def _token_cosines(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("batch_size", [1, 128])         # alone, and padded in one batch
-def test_fp32_onnx_gives_the_torch_features(text_encoder, onnx_fp32, batch_size):
-    ref, got = text_encoder.encode(SENTENCES, batch_size), onnx_fp32.encode(SENTENCES, batch_size)
+def test_fp32_onnx_gives_the_torch_features(fp32_encoder, onnx_fp32, batch_size):
+    ref, got = fp32_encoder.encode(SENTENCES, batch_size), onnx_fp32.encode(SENTENCES, batch_size)
     assert [g.shape for g in got] == [r.shape for r in ref] and got[-1].shape == (30, 384)
     for r, g in zip(ref, got):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, r, rtol=0, atol=5e-5)          # measured: ~4e-6
     assert onnx_fp32.runtime == "onnx" and isinstance(onnx_fp32._forward, OnnxBert)
-    assert onnx_fp32.name == text_encoder.name                       # the same encoder, by name
+    assert onnx_fp32.name == fp32_encoder.name                       # the same encoder, by name
 
 
-def test_int8_features_are_close_but_another_encoder(text_encoder, onnx_fp32, onnx_int8, tiny_collection):
+def test_int8_features_are_close_but_another_encoder(fp32_encoder, onnx_fp32, onnx_int8, tiny_collection):
     texts = SENTENCES + [c.text for c in Collection(tiny_collection).captions("test")]
-    ref, got = text_encoder.encode(texts), onnx_int8.encode(texts)
+    ref, got = fp32_encoder.encode(texts), onnx_int8.encode(texts)
     cos = _token_cosines(ref, got)
     assert cos.mean() > 0.98 and cos.min() > 0.93                    # measured on 1190 captions: 0.991 / 0.971
     assert max(np.abs(r - g).max() for r, g in zip(ref, got)) > 1e-2      # really quantized, not fp32
-    assert onnx_int8.name == text_encoder.name + "@int8" == encoder_identifier("minilm", "float32", "int8")
+    assert onnx_int8.name == fp32_encoder.name + "@int8" == encoder_identifier("minilm", "float32", "int8")
     int8_file, fp32_file = onnx_int8._forward.path, onnx_fp32._forward.path
     assert int8_file.stat().st_size < 0.75 * fp32_file.stat().st_size
     ops = {n.op_type for n in onnx.load(str(int8_file)).graph.node}
     assert "MatMulInteger" in ops and "MatMulInteger" not in {n.op_type for n in onnx.load(str(fp32_file)).graph.node}
 
 
-def test_int8_queries_keep_a_trained_models_ranking(trained, tiny_encoded, text_encoder, onnx_int8):
+def test_int8_queries_keep_a_trained_models_ranking(trained, tiny_encoded, fp32_encoder, onnx_int8):
     """Typed queries of the test split through a trained model: int8 against fp32 features."""
     model, cfg, _ = load_model(trained["root"] / "run" / "model.pt")
     coll = Collection(tiny_encoded, cfg.data.video_feature)
@@ -80,7 +80,7 @@ def test_int8_queries_keep_a_trained_models_ranking(trained, tiny_encoded, text_
     engine = ExactSearch(VideoIndex.from_arrays(emb.clips.numpy(), emb.attended.numpy(), alpha=cfg.model.alpha),
                          precision="fp32")
     texts = [c.text for c in caps]
-    q32 = encode_token_features(model, text_encoder.encode(texts))
+    q32 = encode_token_features(model, fp32_encoder.encode(texts))
     q8 = encode_token_features(model, onnx_int8.encode(texts))
     cos = torch.nn.functional.cosine_similarity(q32, q8)
     top32, top8 = engine.search(q32, top_k=10).video_idx.numpy(), engine.search(q8, top_k=10).video_idx.numpy()
