@@ -116,7 +116,7 @@ def ground_truth(index: VideoIndex, q: torch.Tensor, workdir: Path, tag: str) ->
 
 def fast_scan(index: VideoIndex, cfg: Any, workdir: Path, corpus_tag: str) -> tuple[Any, float]:
     """(the IVF-PQ fast-scan index without re-score codes, build seconds): built with prvr's code
-    path (`train_and_add`), cached in `workdir` (a 1M build takes tens of minutes on 2 cores)."""
+    path (`train_and_add`), cached in `workdir` (at 1M videos, nlist 4096: hours on one core)."""
     params = ann_params(cfg.replace(refine_codes="arrays"), index.count * K, index.alpha)
     tag = "_".join(str(params[k]) for k in ("index_type", "nlist", "pq_m", "alpha"))
     path = workdir / f"{corpus_tag}_{tag}.faiss"

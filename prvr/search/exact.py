@@ -259,8 +259,11 @@ class ExactSearch:
             f = F.linear(qb, self._a16[start * K:(start + n) * K]).float().view(Q, n, K)
             return torch.where(near, f, float("-inf")).amax(-1)
         qi, vi, ki = near.nonzero(as_tuple=True)                                           # (R,)
-        rows = self._a16.index_select(0, (vi + start) * K + ki).float()                   # (R, H)
-        fv = (rows @ qb.float().T).gather(1, qi[:, None]).squeeze(1)                       # (R,)
+        rows = self._a16.index_select(0, (vi + start) * K + ki)                            # (R, H)
+        if Q == 1 and self._mv:                                  # bf16 output: within the bound
+            fv = torch.mv(rows, qb[0]).float()                                             # (R,)
+        else:
+            fv = (rows.float() @ qb.float().T).gather(1, qi[:, None]).squeeze(1)
         f = torch.full((Q, n * K), float("-inf"))
         f[qi, vi * K + ki] = fv
         return f.view(Q, n, K).amax(-1)
