@@ -361,6 +361,26 @@ def test_faiss_flat_equals_the_reference_and_ann_recall(tmp_path):
     assert recall["ivfpqfs+pq"] >= 0.85, recall
 
 
+@pytest.mark.parametrize("index_type", ["ivfpqfs", "ivfpq", "ivf"])
+def test_ivf_build_with_torch_assigned_lists_searches_like_faiss_own_add(index_type, monkeypatch):
+    """train_and_add finds each clip's inverted list with one torch product (fast scan through
+    an IVF-PQ twin it then converts); the index answers exactly as one filled by faiss's add."""
+    import prvr.search.ann as ann
+
+    emb = _emb(600, K=8, H=32, dup=False)
+    clips, attended = emb.clips.numpy(), emb.attended.numpy()
+    params = ann_params(search_cfg(index_type=index_type, nlist=16, nprobe=4, pq_m=8), 600 * 8, 0.7)
+    ours = ann.train_and_add(clips, attended, params, chunk=1000)
+    assert ann._coarse_lists(ours) is not None
+    monkeypatch.setattr(ann, "_coarse_lists", lambda index: None)                   # faiss's own add
+    theirs = ann.train_and_add(clips, attended, params, chunk=1000)
+    assert type(ours) is type(theirs) and ours.ntotal == theirs.ntotal == 600 * 8
+    q = ann.fused_rows(clips.reshape(-1, 32), attended.reshape(-1, 32), 0.7, 0, 50)
+    (d1, i1), (d2, i2) = ours.search(q, 20), theirs.search(q, 20)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(d1, d2)
+
+
 def test_faiss_reranks_from_an_fp16_index(tmp_path):
     """Re-scoring gathers rows of fp16 (memory-mapped) arrays as fp32: the exact top-k of the
     stored (fp16-rounded) vectors."""
