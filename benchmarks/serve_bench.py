@@ -49,16 +49,12 @@ def pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-def make_checkpoint(path: Path, cfg, text_dim: int, encoder_name: str, video_dim: int = 1024,
-                    text_precision: str = "float32") -> Path:
+def make_checkpoint(path: Path, cfg, text_dim: int, encoder_name: str, video_dim: int = 1024) -> Path:
     """A random-weight MS-SL++ checkpoint whose config carries `cfg`'s text settings: the
     served worker builds its text encoder from them."""
     from prvr.model import PRVRModel
 
     cfg.model.video_dim, cfg.model.text_dim = video_dim, text_dim
-    if text_precision != "float32":
-        cfg.text.quantize = "none"                    # int8 quantizes the float32 encoder only
-    cfg.text.precision = text_precision
     torch.manual_seed(0)
     torch.save({"state_dict": PRVRModel(cfg.model).state_dict(), "config": cfg.to_dict(), "epoch": 0,
                 "metrics": {}, "text_encoder": encoder_name}, path)
@@ -219,11 +215,12 @@ def measure(cfg, args, tmp: Path) -> dict:
     threads = args.threads or cfg.serve.threads
     torch.set_num_threads(threads)
     os.environ["PRVR_TORCH_THREADS"] = str(threads)      # inherited by the TorchServe worker
-    quantize = cfg.text.quantize if args.text_precision == "float32" else "none"
-    encoder = TextEncoder("minilm", cfg.model.max_desc_len, args.text_precision, runtime=cfg.text.runtime,
-                          quantize=quantize, threads=cfg.serve.text_threads)      # as in the worker
+    if args.text_precision != "float32":
+        cfg.text.quantize = "none"                    # int8 quantizes the float32 encoder only
+    cfg.text.precision = args.text_precision
+    encoder = TextEncoder.from_config(cfg, threads=cfg.serve.text_threads)        # as in the worker
     ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(
-        tmp / "model.pt", copy.deepcopy(cfg), encoder.dim, encoder.name, text_precision=args.text_precision)
+        tmp / "model.pt", copy.deepcopy(cfg), encoder.dim, encoder.name)
     index = make_index(ckpt, tmp / "index", args.videos, "bench", args.corpus)
     retriever = Retriever.load(ckpt, index, "bench", encoder=encoder, search_cfg=cfg.search)
     result = {"videos": args.videos, "corpus": args.corpus, "torch_threads": torch.get_num_threads(),

@@ -174,8 +174,7 @@ def _fill(index: Any, clips: np.ndarray, attended: np.ndarray, params: dict[str,
     lists = _coarse_lists(index)
     # fast scan packs its codes in blocks and takes no given lists: fill an IVF-PQ twin (same
     # quantizer and codebooks), then convert it; the result searches exactly like index.add's
-    target = _ivfpq_twin(index) if lists is not None and isinstance(index, faiss.IndexIVFPQFastScan) \
-        else index
+    target = _ivfpq_twin(index) if isinstance(index, faiss.IndexIVFPQFastScan) and lists else index
     with tqdm(total=len(fc), desc=f"faiss {params['index_type']}", unit="clip", disable=not progress) as bar:
         for i in range(0, len(fc), chunk):
             x = fused_rows(fc, fa, alpha, i, i + chunk)
@@ -202,8 +201,8 @@ def _coarse_lists(index: Any) -> Any:
     nearest centroid by the quantizer's metric, from one torch matrix product. faiss's own
     assignment was about 3.5x slower here and took nearly all of a large fast-scan build;
     `add_core` then only encodes. None for other indexes (they add as usual)."""
-    if not isinstance(index, faiss.IndexIVF) or (isinstance(index, faiss.IndexIVFFastScan)
-                                                 and not isinstance(index, faiss.IndexIVFPQFastScan)):
+    other_fast_scan = isinstance(index, faiss.IndexIVFFastScan) and not isinstance(index, faiss.IndexIVFPQFastScan)
+    if not isinstance(index, faiss.IndexIVF) or other_fast_scan:        # no IVF-PQ twin for those
         return None
     quantizer = faiss.downcast_index(index.quantizer)
     if not isinstance(quantizer, faiss.IndexFlat) or quantizer.ntotal != index.nlist:

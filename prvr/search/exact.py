@@ -220,7 +220,7 @@ class ExactSearch:
             s = self._screen(qb, start, end).view(Q, n, K)                                 # (Q, n, K)
             smax = s.amax(-1)                                                              # (Q, n)
             # output rounding matters only near each video's max: |x| <= max|smax| + window
-            big = smax.abs().amax(1, keepdim=True) + 2 * (e_c + 2 * BF16_OUT_REL)              # (Q, 1)
+            big = smax.abs().amax(1, keepdim=True) + 2 * (e_c + 2 * BF16_OUT_REL)          # (Q, 1)
             err_c = e_c + BF16_OUT_REL * big
             near = s >= (smax - 2 * err_c)[..., None]       # clips that may be the exact key clip
             fmax = self._frame_max(qb, near, start)                                        # (Q, n)

@@ -124,15 +124,15 @@ class Retriever:
         check_index(manifest, index_dir, checkpoint, ckpt, version)
         version = version or manifest.get("model_version") or "unversioned"
         trained_with = ckpt.get("text_encoder") or manifest.get("text_encoder")
+        serve_cfg = serve_cfg or cfg.serve        # default: the settings the checkpoint carries
         if is_precomputed(trained_with):
             logger.warning("model %s was trained on precomputed text features (%s): serving token "
                            "features only; typed queries are refused", version, trained_with)
             encoder = None
         elif encoder is None and load_encoder:
-            encoder = TextEncoder.from_config(cfg, threads=(serve_cfg or cfg.serve).text_threads)
+            encoder = TextEncoder.from_config(cfg, threads=serve_cfg.text_threads)
         if encoder is not None:
             check_text_encoder(encoder, trained_with, cfg.model.text_dim)
-        serve_cfg = serve_cfg or cfg.serve        # default: the settings the checkpoint carries
         engine = make_engine(index, search_cfg or cfg.search)
         fps = manifest.get("fps") or serve_cfg.fps
         retriever = cls(model, cfg, engine, index, encoder, serve_cfg, version, trained_with,
