@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--milvus-queries", type=int, default=5)
     p.add_argument("--original-max", type=int, default=2179,
                    help="run the re-implemented MS-SL evaluation path (528 spans per video) up to this size")
-    p.add_argument("--precision", default="auto", help="ExactSearch precision: auto | bf16 | fp32")
+    p.add_argument("--precision", default="int8", choices=("int8", "bf16", "fp32"),
+                   help="ExactSearch's screen (search.screen)")
     p.add_argument("--threads", type=int, default=None, help="torch/faiss threads (default: all)")
     p.add_argument("--workdir", default="/tmp/prvr_search_bench")
     p.add_argument("--seed", type=int, default=0)

@@ -200,8 +200,9 @@ def rest(ts, n: int, clients: int, per_client: int) -> dict:
 # `prvr serve` runs; `fp32-text` the text encoder's float32 weights instead of int8 ones
 # (another encoder by name: a model trained with it; top-10 agreement in text_bench.py);
 # `batch-1` / `batch-4` answer each request alone / let it wait up to
-# serve.max_batch_delay_ms for batch mates.
-CONFIGS = {"default": [], "fp32-text": ["text.quantize=none"],
+# serve.max_batch_delay_ms for batch mates; `bf16-screen` the exact engine's bf16 screen
+# instead of the int8 one (search.screen).
+CONFIGS = {"default": [], "fp32-text": ["text.quantize=none"], "bf16-screen": ["search.screen=bf16"],
            "batch-1": ["serve.batch_size=1"], "batch-4": ["serve.batch_size=4"]}
 
 
@@ -225,7 +226,7 @@ def measure(cfg, args, tmp: Path) -> dict:
     retriever = Retriever.load(ckpt, index, "bench", encoder=encoder, search_cfg=cfg.search)
     result = {"videos": args.videos, "corpus": args.corpus, "torch_threads": torch.get_num_threads(),
               "text_encoder": encoder.name, "text_runtime": cfg.text.runtime, "text_quantize": cfg.text.quantize,
-              "backend": cfg.search.backend, "serve_batch_size": cfg.serve.batch_size,
+              "backend": cfg.search.backend, "screen": cfg.search.screen, "serve_batch_size": cfg.serve.batch_size,
               "max_batch_delay_ms": cfg.serve.max_batch_delay_ms,
               "load_avg_at_start": list(os.getloadavg()),
               "in_process": in_process(retriever, args.requests),
@@ -283,7 +284,8 @@ def markdown(results_by_config: dict[str, dict]) -> str:
 
     ms = lambda v: f"{v['p50']:.2f} / {v['p99']:.2f}"  # noqa: E731
     row("text encoder", lambda r: f"{r['text_runtime']} {r['text_quantize']}")
-    row("engine; worker batch size", lambda r: f"{r['backend']}; {r['serve_batch_size']}")
+    row("engine (screen); worker batch size",
+        lambda r: f"{r['backend']} ({r.get('screen', 'bf16')}); {r['serve_batch_size']}")
     row("REST end to end, 1 typed query, p50 / p99 ms",
         lambda r: f"{r['rest']['sequential']['p50_ms']:.2f} / {r['rest']['sequential']['p99_ms']:.2f}")
     row("in the worker: encode (text + query), p50 / p99 ms", lambda r: ms(r["rest"]["sequential"]["inside_worker_ms"]["encode"]))

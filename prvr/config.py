@@ -247,6 +247,7 @@ class EvalConfig(_Section):
 class SearchConfig(_Section):
     section: ClassVar[str] = "search"
     backend: Literal["exact", "faiss", "milvus"]
+    screen: Literal["int8", "bf16", "fp32"]     # the exact engine's screen (prvr.search.screen)
     dtype: Literal["float32", "float16"]
     index_type: IndexType
     nlist: PosInt

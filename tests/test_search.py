@@ -24,6 +24,7 @@ from prvr.search import ExactSearch, VideoIndex, build_index_from_embeddings, ma
 from prvr.search.ann import FaissSearch, ann_params, train_and_add
 from prvr.search import build as build_mod
 from prvr.search.exact import BF16_OUT_REL, bf16_supported
+from prvr.search.screen import Int8Screen
 
 
 def _emb(N: int, K: int = 8, H: int = 32, seed: int = 0, dup: bool = True) -> VideoEmbeddings:
@@ -177,7 +178,7 @@ def test_a_hand_built_index_holds_the_normalised_arrays_frame_spans_and_checksum
 
 
 HAND_ENGINES = [pytest.param("exact", "fp32", id="exact-fp32"), pytest.param("exact", "bf16", id="exact-bf16"),
-                pytest.param("faiss", "fp32", id="faiss-flat")]
+                pytest.param("exact", "int8", id="exact-int8"), pytest.param("faiss", "fp32", id="faiss-flat")]
 
 
 def _engine(index: VideoIndex, backend: str, precision: str):
@@ -220,7 +221,7 @@ def test_truth_ranks_of_the_hand_built_index_are_pessimistic_on_ties(tmp_path):
 
 
 # ----------------------------------------------------------------------------- against the reference
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_exact_search_equals_the_pair_by_pair_reference(tmp_path, precision):
     if precision == "bf16" and not bf16_supported():
         pytest.skip("no native bf16 on this CPU")
@@ -232,7 +233,6 @@ def test_exact_search_equals_the_pair_by_pair_reference(tmp_path, precision):
     for k in (1, 10, 50):
         check_against_reference(eng.search(q, k), ref, 0.7, k)
     one = tuple(r[:1] for r in ref)
-    assert eng._mv == (precision == "bf16")          # one query: the bf16 matrix-vector screen
     for i in range(len(q)):                                        # few queries: gathered frame side
         check_against_reference(eng.search(q[i:i + 1], 10), tuple(r[i:i + 1] for r in ref), 0.7, 10)
     check_against_reference(eng.search(q[:3], 10), tuple(r[:3] for r in ref), 0.7, 10)
@@ -251,11 +251,62 @@ def test_bf16_screen_stays_within_its_error_bound(tmp_path, queries):
     emb = _emb(3000, K=8, H=384, dup=False)
     eng = ExactSearch(VideoIndex.load(_write(emb, tmp_path / "idx")), precision="bf16")
     qb = _queries(emb, queries).bfloat16()
-    got = eng._screen(qb, 0, eng.N).double()                                          # (Q, N*K)
-    exact = qb.double() @ eng._c16.double().T
+    assert eng._screen.mv                           # one query: the bf16 matrix-vector product
+    got = eng._screen.products(qb, 0, eng.N * eng.K).double()                         # (Q, N*K)
+    exact = qb.double() @ eng._screen.c16.double().T
     slack = BF16_OUT_REL * exact.abs() + 384 * 2.0 ** -24 - (got - exact).abs()
     assert float(slack.min()) >= 0
     assert bool(((got - exact).abs() > 2.0 ** -9 * exact.abs() + 384 * 2.0 ** -24).any())
+
+
+def _hostile_emb() -> VideoEmbeddings:
+    """Rows int8 handles worst: all-zero rows, one dominant element (a coarse scale for the
+    rest), norms far from 1, and plain unit rows around them."""
+    emb = _emb(600, K=8, H=384, dup=False)
+    clips, att = emb.clips.clone(), emb.attended.clone()
+    clips[0, :3], att[1, 2:5] = 0.0, 0.0                               # zero rows
+    clips[2, :, 7], att[3, :, 11] = 40.0, -40.0                        # one dominant element
+    clips[4:9] *= 9.0
+    att[9:14] *= 0.01                                                  # norms far from 1
+    return VideoEmbeddings(clips, emb.spans, att)
+
+
+@pytest.mark.parametrize("queries", [1, 4])
+def test_int8_screen_stays_within_its_error_bound(tmp_path, queries):
+    """Every screened clip cosine is within its bound of the exact product, the frame bound is
+    above every exact frame score and both bounds are tight enough to prune (unit rows)."""
+    emb = _hostile_emb()                            # the raw rows: an index stores them normalised
+    (N, K, H), chunk = emb.clips.shape, 256
+    screen = Int8Screen(emb.clips.reshape(-1, H).numpy(), emb.attended.reshape(-1, H).numpy(), K, chunk)
+    q = F.normalize(_queries(emb, queries), dim=-1)
+    state = screen.prepare(q)
+    exact_c = torch.einsum("qh,nkh->qnk", q.double(), emb.clips.double())                 # (Q, N, K)
+    exact_f = torch.einsum("qh,nkh->qnk", q.double(), emb.attended.double())
+    for start in range(0, N, chunk):
+        end = min(start + chunk, N)
+        s, err = screen.clips(state, start, end)
+        gap = err.double()[..., None] - (s.double() - exact_c[:, start:end]).abs()
+        assert float(gap.min()) >= 0
+        near = torch.ones_like(s, dtype=torch.bool)
+        ub = screen.frame_ub(state, near, start).double()                                # (Q, n)
+        assert bool((ub >= exact_f[:, start:end].amax(-1)).all())
+        assert float((ub - exact_f[:, start:end].amax(-1))[:, 20:].max()) < 0.05     # unit rows: tight
+    assert float(err[:, 20:].max()) < 0.02                                          # unit rows: tight
+
+
+def test_int8_engine_equals_fp32_on_hostile_rows(tmp_path):
+    """Zero rows (score 0) and near one-hot rows in the index: the int8 engine's top-10 has
+    the fp32 engine's scores, and each listed video really has the score listed."""
+    index = VideoIndex.load(_write(_hostile_emb(), tmp_path / "idx"))
+    q = _queries(_hostile_emb(), 24)
+    full = ExactSearch(index, precision="fp32").search(q, index.clips.shape[0])         # every video
+    table = torch.empty_like(full.fused).scatter_(1, full.video_idx, full.fused)         # (Q, N) exact
+    eng = ExactSearch(index, precision="int8", video_chunk=100)
+    for rows in (slice(0, 24), *(slice(i, i + 1) for i in range(0, 24, 5))):
+        got = eng.search(q[rows], 10)
+        np.testing.assert_allclose(got.fused.numpy(), full.fused[rows, :10].numpy(), atol=1e-5)
+        np.testing.assert_allclose(table[rows].gather(1, got.video_idx).numpy(), got.fused.numpy(), atol=1e-5)
+    assert eng.stats["fallbacks"] < 3                       # the bound rarely fails to certify
 
 
 def test_fp16_index_close_to_fp32(tmp_path):
