@@ -271,10 +271,11 @@ def _hostile_emb() -> VideoEmbeddings:
     return VideoEmbeddings(clips, emb.spans, att)
 
 
-@pytest.mark.parametrize("queries", [1, 4])
+@pytest.mark.parametrize("queries", [1, 4, 6])
 def test_int8_screen_stays_within_its_error_bound(tmp_path, queries):
     """Every screened clip cosine is within its bound of the exact product, the frame bound is
-    above every exact frame score and both bounds are tight enough to prune (unit rows)."""
+    above every exact frame score and both bounds are tight enough to prune (unit rows); for
+    one query, a few (gathered rows) and more (every row of the chunk)."""
     emb = _hostile_emb()                            # the raw rows: an index stores them normalised
     (N, K, H), chunk = emb.clips.shape, 256
     screen = Int8Screen(emb.clips.reshape(-1, H).numpy(), emb.attended.reshape(-1, H).numpy(), K, chunk)

@@ -98,7 +98,7 @@ class ExactSearch:
         self.stats = {"queries": 0, "fallbacks": 0}
         self._screen: Int8Screen | Bf16Screen | None = None
         if self.precision == "int8":
-            self._screen = Int8Screen(self._clips, self._attended, K, video_chunk)
+            self._screen = Int8Screen(self._clips, self._attended, K, video_chunk, gather_queries=gather_queries)
         elif self.precision == "bf16":
             self._screen = Bf16Screen(self._clips, self._attended, K, gather_queries)
 

@@ -176,24 +176,35 @@ def _external(name: str, arr: np.ndarray, opts: ort.SessionOptions) -> TensorPro
 
 def _matmul_integer(weights: np.ndarray | None, scale: np.ndarray | None, threads: int):
     """An ONNX Runtime session: exact int32 products of int8 rows, turned into scores in fp32.
+    Query i is the row pair (2i, 2i+1) of int8 values q1, q2 with scales s = (s1, s2) (Q, 2).
 
     With `weights` (H, R) int8 (pre-packed once; kept alive by the caller) and their per-row
-    `scale` (R,):  (A uint8 (2Q, H), W (Q, 2Q)) -> W @ ((A - 128) @ weights) * scale   (Q, R)
-    Without: (A uint8 (R, H), B int8 (H, 2Q), W (2Q, Q)) -> ((A - 128) @ B) @ W   (R, Q)."""
+    `scale` (R,): (A uint8 (2Q, H) = q + 128, s) -> (s1 y1 + s2 y2) * scale   (Q, R), where
+    y = (A - 128) @ weights. Without: (A uint8 (R, H) = rows + 128, B int8 (H, 2Q) = query
+    columns, s) -> s1 y1 + s2 y2   (R, Q), where y = (A - 128) @ B."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = max(1, threads), 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # no busy cores after a call
     f32 = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
-    inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, None]), f32("W", [None, None])]
+    inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, None]), f32("s", [None, 2])]
     inits = [helper.make_tensor("zero", TensorProto.UINT8, [], [128])]
     nodes = [helper.make_node("MatMulInteger", ["A", "B", "zero"], ["Y"]),
              helper.make_node("Cast", ["Y"], ["Yf"], to=TensorProto.FLOAT)]
-    if weights is None:
+    if weights is None:                             # (R, 2Q) -> (R, Q, 2) * s -> sum over the pair
         inputs.append(helper.make_tensor_value_info("B", TensorProto.INT8, [None, None]))
-        nodes.append(helper.make_node("MatMul", ["Yf", "W"], ["S"]))
-    else:
-        inits += [_external("B", weights, opts), numpy_helper.from_array(scale, "scale")]
-        nodes += [helper.make_node("MatMul", ["W", "Yf"], ["WY"]), helper.make_node("Mul", ["WY", "scale"], ["S"])]
+        inits.append(helper.make_tensor("shape", TensorProto.INT64, [3], [0, -1, 2]))
+        nodes += [helper.make_node("Reshape", ["Yf", "shape"], ["Y3"]), helper.make_node("Mul", ["Y3", "s"], ["P"]),
+                  helper.make_node("ReduceSum", ["P", "axis"], ["S"], keepdims=0)]
+        inits.append(helper.make_tensor("axis", TensorProto.INT64, [1], [2]))
+    else:                                           # (2Q, R) -> (Q, 2, R) * s[..., None] -> sum
+        inits += [_external("B", weights, opts), numpy_helper.from_array(scale, "scale"),
+                  helper.make_tensor("shape", TensorProto.INT64, [3], [-1, 2, weights.shape[1]]),
+                  helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+                  helper.make_tensor("last", TensorProto.INT64, [1], [2])]
+        nodes += [helper.make_node("Reshape", ["Yf", "shape"], ["Y3"]), helper.make_node("Unsqueeze", ["s", "last"], ["s3"]),
+                  helper.make_node("Mul", ["Y3", "s3"], ["P"]),
+                  helper.make_node("ReduceSum", ["P", "axis"], ["PS"], keepdims=0),
+                  helper.make_node("Mul", ["PS", "scale"], ["S"])]
     graph = helper.make_graph(nodes, "screen", inputs, [f32("S", [None, None])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -209,8 +220,8 @@ class Int8Screen:
     The clip side uses each video's largest residual norm, the frame side each row's."""
 
     def __init__(self, clips: np.ndarray, attended: np.ndarray, K: int, video_chunk: int,
-                 threads: int | None = None):
-        self.K, self.H, self.video_chunk = K, clips.shape[1], video_chunk
+                 threads: int | None = None, gather_queries: int = 4):
+        self.K, self.H, self.video_chunk, self.gather_queries = K, clips.shape[1], video_chunk, gather_queries
         threads = threads or torch.get_num_threads()
         cq, cs, cr, self.c_norm = _quantize_rows(clips)
         self.c_resid = torch.from_numpy(cr).view(-1, K).amax(1)                            # (N,)
@@ -235,34 +246,44 @@ class Int8Screen:
         qn = np.linalg.norm(s1 * q1 + s2 * q2, axis=1) * 1.001                            # ||q~||
         Q = len(x)
         rows = np.stack([q1, q2], 1).reshape(2 * Q, self.H)                               # (2Q, H)
-        w = np.zeros((Q, 2 * Q), np.float32)                     # score i = s1_i y_2i + s2_i y_2i+1
-        w[np.arange(Q), 2 * np.arange(Q)], w[np.arange(Q), 2 * np.arange(Q) + 1] = s1[:, 0], s2[:, 0]
         return {"Q": Q, "a": (rows + 128).astype(np.uint8), "b": np.ascontiguousarray(rows.T.astype(np.int8)),
-                "w": w, "wt": np.ascontiguousarray(w.T), "qn": torch.from_numpy(qn).float(),
+                "s": np.concatenate([s1, s2], 1).astype(np.float32), "qn": torch.from_numpy(qn).float(),
                 "d": torch.from_numpy(d).float()}
 
     def clips(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         K, Q = self.K, state["Q"]
         session = self.sessions[start // self.video_chunk]
-        s = torch.from_numpy(session.run(None, {"A": state["a"], "W": state["w"]})[0])     # (Q, n*K)
+        s = torch.from_numpy(session.run(None, {"A": state["a"], "s": state["s"]})[0])     # (Q, n*K)
         err = (state["qn"][:, None] * self.c_resid[start:end]
                + (state["d"] * self.c_norm + _INT8_ROUNDING * max(1.0, self.c_norm))[:, None])   # (Q, n)
         return s.view(Q, end - start, K), err
 
     def frame_ub(self, state: dict, near: torch.Tensor, start: int) -> torch.Tensor:
-        """Only the near clips' attended rows, each row once for all queries (a few per video)."""
-        Q, n, _ = near.shape
+        """Few queries: only the near clips' attended rows (a few per video), each row once for
+        all of them. Many: every row of the chunk in one product (the rows are read once)."""
+        Q, n, K = near.shape
+        if Q > self.gather_queries:
+            rows = torch.arange(start * K, (start + n) * K)
+            y = self._rows_product(state, rows, contiguous=True).T                       # (Q, n*K)
+            ub = y * self.a_table[rows, 0] + self._row_err(state, rows)
+            return torch.where(near, ub.view(Q, n, K), float("-inf")).amax(-1)
         qi, vi, rows = _near_rows(near, start)
         if Q == 1:                                                   # rows are distinct already
-            uniq, where = rows, None
+            y = self._rows_product(state, rows)[:, 0]
         else:
             uniq, where = torch.unique(rows, return_inverse=True)
-        inputs = {"A": self.a_u8.index_select(0, uniq).numpy(), "B": state["b"], "W": state["wt"]}
-        y = torch.from_numpy(self.rows_session.run(None, inputs)[0])                       # (U, Q)
-        y = y[:, 0] if where is None else y[where, qi]                                    # (R,)
-        scale_resid = self.a_table.index_select(0, rows)                                  # (R, 2)
-        if Q == 1:
-            err = scale_resid[:, 1] * float(state["qn"][0]) + float(state["d"][0] * self.a_norm + self.a_round)
-        else:
-            err = state["qn"][qi] * scale_resid[:, 1] + (state["d"][qi] * self.a_norm + self.a_round)
-        return _video_max(torch.addcmul(err, y, scale_resid[:, 0]), qi, vi, Q, n)
+            y = self._rows_product(state, uniq)[where, qi]                                # (R,)
+        err = self._row_err(state, rows, qi)
+        return _video_max(torch.addcmul(err, y, self.a_table[rows, 0]), qi, vi, Q, n)
+
+    def _rows_product(self, state: dict, rows: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
+        """(s1 q1 + s2 q2) . q_r of the attended rows, before their scale: (R, Q) fp32."""
+        a = self.a_u8[rows[0]:rows[-1] + 1] if contiguous else self.a_u8.index_select(0, rows)
+        return torch.from_numpy(self.rows_session.run(None, {"A": a.numpy(), "B": state["b"], "s": state["s"]})[0])
+
+    def _row_err(self, state: dict, rows: torch.Tensor, qi: torch.Tensor | None = None) -> torch.Tensor:
+        """The bound of each attended row's screened score: (R,) for the queries qi, else (Q, R)."""
+        resid = self.a_table[rows, 1]
+        if qi is None:
+            return state["qn"][:, None] * resid + (state["d"] * self.a_norm + self.a_round)[:, None]
+        return state["qn"][qi] * resid + (state["d"][qi] * self.a_norm + self.a_round)
