@@ -295,6 +295,18 @@ def test_int8_screen_stays_within_its_error_bound(tmp_path, queries):
     assert float(err[:, 20:].max()) < 0.02                                          # unit rows: tight
 
 
+def test_int8_screen_refuses_values_that_are_not_finite():
+    rows = np.zeros((64, 16), np.float32)
+    rows[0, 0] = 1.0
+    bad = rows.copy()
+    bad[37, 3] = np.nan
+    with pytest.raises(ValueError, match="rows 0..63 hold a value that is not finite"):
+        Int8Screen(bad, rows, 8, 4)
+    screen = Int8Screen(rows, rows, 8, 4)
+    with pytest.raises(ValueError, match="query vector holds a value that is not finite"):
+        screen.prepare(torch.tensor([[float("inf")] + [0.0] * 15]))
+
+
 def test_int8_engine_equals_fp32_on_hostile_rows(tmp_path):
     """Zero rows (score 0) and near one-hot rows in the index: the int8 engine's top-10 has
     the fp32 engine's scores, and each listed video really has the score listed."""

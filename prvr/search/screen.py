@@ -154,6 +154,9 @@ def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13) -> tuple[np.ndarray, np
     norm = 0.0
     for i in range(0, R, rows):
         x = np.asarray(arr[i:i + rows], np.float64)
+        if not np.isfinite(x).all():
+            raise ValueError(f"rows {i}..{i + len(x) - 1} hold a value that is not finite (NaN or inf): "
+                             "an index to screen must be finite")
         s = (np.abs(x).max(1) / 127).astype(np.float32)
         s[s == 0] = 1.0                                                # an all-zero row: q = 0
         qi = np.clip(np.rint(x / s[:, None]), -127, 127)
@@ -161,6 +164,12 @@ def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13) -> tuple[np.ndarray, np
         resid[i:i + rows] = np.linalg.norm(x - s[:, None].astype(np.float64) * qi, axis=1) * 1.001
         norm = max(norm, float(np.linalg.norm(x, axis=1).max()))
     return q, scale, resid, norm * 1.001
+
+
+def _row_scale(x: np.ndarray) -> np.ndarray:
+    """max|x| / 127 per row (Q, 1), rounded to the fp32 value ONNX Runtime multiplies by, so
+    that s q is exactly the vector whose products it computes."""
+    return np.maximum(np.abs(x).max(1, keepdims=True) / 127, 1e-30).astype(np.float32).astype(np.float64)
 
 
 def _external(name: str, arr: np.ndarray, opts: ort.SessionOptions) -> TensorProto:
@@ -237,11 +246,13 @@ class Int8Screen:
 
     def prepare(self, q: torch.Tensor) -> dict:
         x = q.numpy().astype(np.float64)                                                  # (Q, H)
-        s1 = np.maximum(np.abs(x).max(1, keepdims=True) / 127, 1e-30)
-        q1 = np.rint(x / s1)
+        if not np.isfinite(x).all():
+            raise ValueError("a query vector holds a value that is not finite (NaN or inf)")
+        s1 = _row_scale(x)
+        q1 = np.clip(np.rint(x / s1), -127, 127)
         r = x - s1 * q1
-        s2 = np.maximum(np.abs(r).max(1, keepdims=True) / 127, 1e-30)
-        q2 = np.rint(r / s2)
+        s2 = _row_scale(r)
+        q2 = np.clip(np.rint(r / s2), -127, 127)
         d = np.linalg.norm(r - s2 * q2, axis=1) * 1.001                                   # ||d||
         qn = np.linalg.norm(s1 * q1 + s2 * q2, axis=1) * 1.001                            # ||q~||
         Q = len(x)
