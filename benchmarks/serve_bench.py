@@ -8,6 +8,10 @@ sizes; an ANN engine's recall depends on the structure. The model is a real MS-S
 checkpoint (``--checkpoint``; default a randomly initialised one with MiniLM text dims),
 and queries go through the real MiniLM text encoder.
 
+Each configuration's REST run is followed by the floor: the same TorchServe settings, batch
+settings and client through a handler that replays an answer recorded from the model
+(ts_floor_handler.py), i.e. what TorchServe's own path costs for an answer of that size.
+
 `--configs` names the configurations measured one after the other (CONFIGS: `default`, what
 `prvr serve` runs, and variations of it), each over params.yaml and `--set`; in process the
 exact and faiss engines are also timed side by side, with the faiss top-10
@@ -202,6 +206,43 @@ def rest(ts, n: int, clients: int, per_client: int) -> dict:
                            "seconds": elapsed, "throughput_rps": len(codes) / elapsed}}
 
 
+def record_answer(ts) -> bytes:
+    """One raw answer of the served model (the floor's archive replays it)."""
+    import requests
+
+    resp = requests.post(f"{ts.inference_url}/predictions/prvr", json={"query": QUERIES[0], "top_k": 10},
+                         headers={"Authorization": f"Bearer {ts.keys()['inference']}"}, timeout=30)
+    resp.raise_for_status()
+    return resp.content
+
+
+def floor(cfg, answer: bytes, tmp: Path, overrides: dict, n: int) -> dict:
+    """TorchServe's own path: the same server settings, batch settings and client, through a
+    handler that replays a recorded answer and does nothing else (ts_floor_handler.py)."""
+    import subprocess
+
+    from prvr.archive import _model_config      # the batch size / delay the prvr archive gets
+    from prvr.client import Client
+    from prvr.server import TorchServe
+
+    work = tmp / "floor"
+    (work / "store").mkdir(parents=True)
+    (work / "answer.json").write_bytes(answer)
+    (work / "model-config.yaml").write_text(_model_config(cfg))
+    subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", "prvr",
+                    "--version", "floor", "--handler", str(Path(__file__).with_name("ts_floor_handler.py")),
+                    "--extra-files", str(work / "answer.json"), "--config-file", str(work / "model-config.yaml"),
+                    "--export-path", str(work / "store"), "--force"], check=True, capture_output=True)
+    lat = []
+    with TorchServe(work / "ts", work / "store", {"prvr": "prvr.mar"}, overrides=overrides, free_ports=True) as ts:
+        with Client(ts.inference_url, key=ts.keys()["inference"], retries=0) as api:
+            for i in range(n + 5):
+                answer_ = api.search(QUERIES[i % len(QUERIES)] + f" {i}", top_k=10)
+                if i >= 5:
+                    lat.append(answer_.timing.round_trip_ms)
+    return {"requests": n, "answer_bytes": len(answer), "p50_ms": statistics.median(lat), "p99_ms": pct(lat, 99)}
+
+
 # What each named configuration changes over params.yaml (+ --set). `default` is what
 # `prvr serve` runs; `fp32-text` the text encoder's float32 weights instead of int8 ones
 # (another encoder by name: a model trained with it; top-10 agreement in text_bench.py);
@@ -244,6 +285,8 @@ def measure(cfg, args, tmp: Path) -> dict:
         with TorchServe(tmp / "ts", tmp / "store", {"prvr": mar.name}, overrides=ts_set, free_ports=True) as ts:
             result["rest"] = rest(ts, args.requests, args.clients, args.per_client)
             result["rest"]["torchserve_overrides"] = ts_set
+            answer = record_answer(ts)
+        result["rest"]["floor"] = floor(cfg, answer, tmp, ts_set, args.requests)
     result["load_avg_at_end"] = list(os.getloadavg())
     return result
 
@@ -271,6 +314,8 @@ def report(name: str, result: dict) -> None:
         for stage in ("encode", "score"):
             v = s["inside_worker_ms"][stage]
             print(f"{'  inside the worker (Server-Timing): ' + stage:44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
+        f = result["rest"]["floor"]
+        print(f"{'  TorchServe alone (replayed answer)':44}{f['p50_ms']:>10.2f}{f['p99_ms']:>10.2f}")
         print(f"REST throughput: {c['throughput_rps']:.1f} req/s with {c['clients']} clients "
               f"({c['requests']} requests, {c['errors']} errors)")
 
@@ -295,6 +340,8 @@ def markdown(results_by_config: dict[str, dict]) -> str:
         lambda r: f"{r['backend']} ({r.get('screen', 'bf16')}); {r['serve_batch_size']}")
     row("REST end to end, 1 typed query, p50 / p99 ms",
         lambda r: f"{r['rest']['sequential']['p50_ms']:.2f} / {r['rest']['sequential']['p99_ms']:.2f}")
+    row("TorchServe alone: the same request, a handler replaying a recorded answer, p50 / p99 ms",
+        lambda r: f"{r['rest']['floor']['p50_ms']:.2f} / {r['rest']['floor']['p99_ms']:.2f}")
     row("in the worker: encode (text + query), p50 / p99 ms", lambda r: ms(r["rest"]["sequential"]["inside_worker_ms"]["encode"]))
     row("in the worker: score, p50 / p99 ms", lambda r: ms(r["rest"]["sequential"]["inside_worker_ms"]["score"]))
     row("in process: text encoding, p50 / p99 ms", lambda r: ms(r["in_process"]["text_encoding_ms"]))
