@@ -274,8 +274,9 @@ def _hostile_emb() -> VideoEmbeddings:
 @pytest.mark.parametrize("queries", [1, 4, 6])
 def test_int8_screen_stays_within_its_error_bound(tmp_path, queries):
     """Every screened clip cosine is within its bound of the exact product, the frame bound is
-    above every exact frame score and both bounds are tight enough to prune (unit rows); for
-    one query, a few (gathered rows) and more (every row of the chunk)."""
+    above the exact frame score of every clip marked near (all of them, or a random few), and
+    both bounds are tight enough to prune (unit rows); for one query, a few (gathered rows)
+    and more (every row of the chunk)."""
     emb = _hostile_emb()                            # the raw rows: an index stores them normalised
     (N, K, H), chunk = emb.clips.shape, 256
     screen = Int8Screen(emb.clips.reshape(-1, H).numpy(), emb.attended.reshape(-1, H).numpy(), K, chunk)
@@ -283,16 +284,63 @@ def test_int8_screen_stays_within_its_error_bound(tmp_path, queries):
     state = screen.prepare(q)
     exact_c = torch.einsum("qh,nkh->qnk", q.double(), emb.clips.double())                 # (Q, N, K)
     exact_f = torch.einsum("qh,nkh->qnk", q.double(), emb.attended.double())
+    g = torch.Generator().manual_seed(3)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         s, err = screen.clips(state, start, end)
-        gap = err.double()[..., None] - (s.double() - exact_c[:, start:end]).abs()
-        assert float(gap.min()) >= 0
-        near = torch.ones_like(s, dtype=torch.bool)
-        ub = screen.frame_ub(state, near, start).double()                                # (Q, n)
-        assert bool((ub >= exact_f[:, start:end].amax(-1)).all())
-        assert float((ub - exact_f[:, start:end].amax(-1))[:, 20:].max()) < 0.05     # unit rows: tight
-    assert float(err[:, 20:].max()) < 0.02                                          # unit rows: tight
+        assert float((err.double()[..., None] - (s.double() - exact_c[:, start:end]).abs()).min()) >= 0
+        assert float(err[:, max(0, 20 - start):].max()) < 0.02                    # unit rows: tight
+        for near in (torch.ones_like(s, dtype=torch.bool), torch.rand(s.shape, generator=g) < 0.3):
+            near[..., 0] = True                                     # every video keeps a clip
+            ub = screen.frame_ub(state, near, start).double()                           # (Q, n)
+            truth = torch.where(near, exact_f[:, start:end], float("-inf")).amax(-1)
+            assert bool((ub >= truth).all())
+            assert float((ub - truth)[:, max(0, 20 - start):].max()) < 0.05       # unit rows: tight
+
+
+def _saturating_matmul(a_u8: np.ndarray, b_s8: np.ndarray, zero: int) -> np.ndarray:
+    """(A - zero) @ B as an x86 CPU without VNNI computes it (vpmaddubsw): the u8 x s8 products
+    of adjacent pairs summed in int16, saturated, then widened."""
+    prod = a_u8.astype(np.int64)[:, :, None] * b_s8.astype(np.int64)[None]                # (M, H, N)
+    pairs = np.clip(prod[:, 0::2] + prod[:, 1::2], -32768, 32767)
+    return pairs.sum(1) - zero * b_s8.astype(np.int64).sum(0)[None]
+
+
+def test_int8_value_ranges_never_saturate_an_int16_pair():
+    """The stored rows use all of int8, queries 7 bits: the largest values either session gets
+    are exact even where pairs are summed in int16; 8-bit queries would not be."""
+    from prvr.search.screen import QUERY_MAX, QUERY_ZERO, ROW_MAX, ROW_ZERO
+
+    rows = np.concatenate([np.full((1, 8), ROW_MAX), np.full((1, 8), -ROW_MAX)]).astype(np.int8)   # (2, H)
+    query = np.concatenate([np.full((1, 8), QUERY_MAX), np.full((1, 8), -QUERY_MAX)])               # (2, H)
+    exact = query.astype(np.int64) @ rows.T.astype(np.int64)
+    as_a = _saturating_matmul((query + QUERY_ZERO).astype(np.uint8), np.ascontiguousarray(rows.T), QUERY_ZERO)
+    rows_a = (rows.astype(np.int16) + ROW_ZERO).astype(np.uint8)
+    as_b = _saturating_matmul(rows_a, np.ascontiguousarray(query.T.astype(np.int8)), ROW_ZERO)
+    assert np.array_equal(as_a, exact) and np.array_equal(as_b, exact.T)
+    wide = np.full((1, 8), 127)                                       # an 8-bit query, offset by 128
+    assert not np.array_equal(_saturating_matmul((wide + 128).astype(np.uint8), np.ascontiguousarray(rows.T), 128),
+                              wide.astype(np.int64) @ rows.T.astype(np.int64))
+
+
+def test_int8_screen_refuses_a_cpu_whose_integer_products_are_not_exact(monkeypatch):
+    """The check at construction runs both kinds of session on their largest values; a kernel
+    that is off (as a saturating one would be) stops the screen with a message saying what to do."""
+    from prvr.search import screen as screen_mod
+
+    real = screen_mod._rows_session
+
+    class OffByOne:
+        def __init__(self, threads):
+            self.session = real(threads)
+
+        def run(self, outputs, feeds):
+            return [self.session.run(outputs, feeds)[0] + 1.0]
+
+    monkeypatch.setattr(screen_mod, "_rows_session", OffByOne)
+    rows = np.eye(16, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="not exact on this CPU.*set search.screen to bf16 or fp32"):
+        Int8Screen(rows, rows, 8, 4)
 
 
 def test_int8_screen_refuses_values_that_are_not_finite():
@@ -305,6 +353,15 @@ def test_int8_screen_refuses_values_that_are_not_finite():
     screen = Int8Screen(rows, rows, 8, 4)
     with pytest.raises(ValueError, match="query vector holds a value that is not finite"):
         screen.prepare(torch.tensor([[float("inf")] + [0.0] * 15]))
+
+
+def test_make_engine_screens_as_search_screen_says(tmp_path):
+    index = VideoIndex.load(_write(_emb(20), tmp_path / "idx"))
+    assert make_engine(index, search_cfg()).precision == "int8"                    # the default
+    for screen in ("fp32", "int8"):
+        assert make_engine(index, search_cfg(screen=screen)).precision == screen
+    with pytest.raises(ValueError, match="screen"):
+        search_cfg(screen="int4")
 
 
 def test_int8_engine_equals_fp32_on_hostile_rows(tmp_path):

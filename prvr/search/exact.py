@@ -18,6 +18,7 @@ always those of `score` + topk (up to fp32 rounding; order may differ on exact t
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import numpy as np
@@ -29,10 +30,13 @@ from prvr.model import fuse, score
 from prvr.search.index import VideoIndex
 from prvr.search.screen import BF16_OUT_REL, Bf16Screen, Int8Screen, _tensor, _view, bf16_supported
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["SearchResult", "ExactSearch", "bf16_supported", "as_queries",
            "merge_topk", "empty_result", "BF16_OUT_REL", "PRECISIONS"]
 
 PRECISIONS = ("int8", "bf16", "fp32")         # search.screen
+
 
 class SearchResult(NamedTuple):
     """Top-k of each query, best first; video_idx -1 (scores -inf) where fewer were found."""
@@ -100,6 +104,9 @@ class ExactSearch:
         if self.precision == "int8":
             self._screen = Int8Screen(self._clips, self._attended, K, video_chunk, gather_queries=gather_queries)
         elif self.precision == "bf16":
+            if not bf16_supported():
+                logger.warning("search.screen bf16 on a CPU without native bf16: emulated, several times "
+                               "slower than the int8 screen")
             self._screen = Bf16Screen(self._clips, self._attended, K, gather_queries)
 
     @torch.no_grad()

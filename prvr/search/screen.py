@@ -30,7 +30,7 @@ __all__ = ["Bf16Screen", "Int8Screen", "BF16_OUT_REL", "bf16_supported"]
 #                  + 2^-8 |x| (bf16 output rounding: 8 significant bits) + H 2^-24 (fp32 accumulation).
 BF16_OUT_REL = 2.0 ** -8 * 1.01       # (fp32 accumulation and one rounding: checked at init)
 # Rounding of the fp32 arithmetic that turns exact int32 products into scores: a few ulps of
-# values of magnitude <= max(1, largest row norm); this is far above its true size.
+# values of magnitude <= ||q~|| max(1, largest row norm); this is far above its true size.
 _INT8_ROUNDING = 1e-6
 
 
@@ -146,9 +146,27 @@ class Bf16Screen:
 
 
 # ----------------------------------------------------------------------------------- int8
+# ONNX Runtime multiplies uint8 A by int8 B. On x86 CPUs without VNNI its kernel adds the
+# products of adjacent pairs in int16 and saturates above 32767 (vpmaddubsw), so the values
+# are kept where no pair can: stored rows use all of int8 (|q| <= 127); a query uses 7 bits
+# (|q| <= 63), as A offset by 64 (<= 127: 2 * 127 * 127 < 32768) or as B against rows
+# offset by 128 (<= 255: 2 * 255 * 63 < 32768). `_check_exact_products` tests the kernels.
+ROW_MAX, QUERY_MAX = 127, 63
+ROW_ZERO, QUERY_ZERO = 128, 64
+
+
+def _quantize(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per row: x ~ s q with |q| <= top; s (R, 1) is rounded to the fp32 value ONNX
+    Runtime multiplies by, so that s q is exactly the vector whose products it computes."""
+    s = (np.abs(x).max(1, keepdims=True) / top).astype(np.float32)
+    s[s == 0] = 1.0                                                    # an all-zero row: q = 0
+    s = s.astype(np.float64)
+    return np.clip(np.rint(x / s), -top, top), s
+
+
 def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Symmetric int8 per row: x ~ scale * q. Returns q (R, H) int8, scale (R,) fp32, the
-    residual norm ||x - scale q|| per row (rounded up) and max ||x|| (in float64)."""
+    """Stored rows: q (R, H) int8, scale (R,) fp32, the residual norm ||x - scale q|| per row
+    (rounded up) and max ||x|| (in float64)."""
     R, H = arr.shape
     q, scale, resid = np.empty((R, H), np.int8), np.empty(R, np.float32), np.empty(R, np.float32)
     norm = 0.0
@@ -157,19 +175,11 @@ def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13) -> tuple[np.ndarray, np
         if not np.isfinite(x).all():
             raise ValueError(f"rows {i}..{i + len(x) - 1} hold a value that is not finite (NaN or inf): "
                              "an index to screen must be finite")
-        s = (np.abs(x).max(1) / 127).astype(np.float32)
-        s[s == 0] = 1.0                                                # an all-zero row: q = 0
-        qi = np.clip(np.rint(x / s[:, None]), -127, 127)
-        q[i:i + rows], scale[i:i + rows] = qi, s
-        resid[i:i + rows] = np.linalg.norm(x - s[:, None].astype(np.float64) * qi, axis=1) * 1.001
+        qi, s = _quantize(x, ROW_MAX)
+        q[i:i + rows], scale[i:i + rows] = qi, s[:, 0]
+        resid[i:i + rows] = np.linalg.norm(x - s * qi, axis=1) * 1.001
         norm = max(norm, float(np.linalg.norm(x, axis=1).max()))
     return q, scale, resid, norm * 1.001
-
-
-def _row_scale(x: np.ndarray) -> np.ndarray:
-    """max|x| / 127 per row (Q, 1), rounded to the fp32 value ONNX Runtime multiplies by, so
-    that s q is exactly the vector whose products it computes."""
-    return np.maximum(np.abs(x).max(1, keepdims=True) / 127, 1e-30).astype(np.float32).astype(np.float64)
 
 
 def _external(name: str, arr: np.ndarray, opts: ort.SessionOptions) -> TensorProto:
@@ -183,91 +193,134 @@ def _external(name: str, arr: np.ndarray, opts: ort.SessionOptions) -> TensorPro
     return t
 
 
-def _matmul_integer(weights: np.ndarray | None, scale: np.ndarray | None, threads: int):
-    """An ONNX Runtime session: exact int32 products of int8 rows, turned into scores in fp32.
-    Query i is the row pair (2i, 2i+1) of int8 values q1, q2 with scales s = (s1, s2) (Q, 2).
+def _session(nodes: list, inputs: list, inits: list, opts: ort.SessionOptions) -> ort.InferenceSession:
+    out = helper.make_tensor_value_info("S", TensorProto.FLOAT, [None, None])
+    model = helper.make_model(helper.make_graph(nodes, "screen", inputs, [out], inits),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
-    With `weights` (H, R) int8 (pre-packed once; kept alive by the caller) and their per-row
-    `scale` (R,): (A uint8 (2Q, H) = q + 128, s) -> (s1 y1 + s2 y2) * scale   (Q, R), where
-    y = (A - 128) @ weights. Without: (A uint8 (R, H) = rows + 128, B int8 (H, 2Q) = query
-    columns, s) -> s1 y1 + s2 y2   (R, Q), where y = (A - 128) @ B."""
+
+def _options(threads: int) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = max(1, threads), 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # no busy cores after a call
-    f32 = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
-    inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, None]), f32("s", [None, 2])]
-    inits = [helper.make_tensor("zero", TensorProto.UINT8, [], [128])]
+    return opts
+
+
+def _weights_session(weights: np.ndarray, scale: np.ndarray, threads: int) -> ort.InferenceSession:
+    """Queries against stored rows pre-packed once (`weights` (H, R) int8, kept alive by the
+    caller): (A uint8 (2Q, H) = query pairs + 64, s (Q, 2)) -> (s1 y1 + s2 y2) * scale (Q, R),
+    with y = (A - 64) @ weights in exact int32."""
+    opts = _options(threads)
+    inits = [helper.make_tensor("zero", TensorProto.UINT8, [], [QUERY_ZERO]), _external("B", weights, opts),
+             numpy_helper.from_array(scale, "scale"),
+             helper.make_tensor("shape", TensorProto.INT64, [3], [-1, 2, weights.shape[1]]),
+             helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("last", TensorProto.INT64, [1], [2])]
     nodes = [helper.make_node("MatMulInteger", ["A", "B", "zero"], ["Y"]),
-             helper.make_node("Cast", ["Y"], ["Yf"], to=TensorProto.FLOAT)]
-    if weights is None:                             # (R, 2Q) -> (R, Q, 2) * s -> sum over the pair
-        inputs.append(helper.make_tensor_value_info("B", TensorProto.INT8, [None, None]))
-        inits.append(helper.make_tensor("shape", TensorProto.INT64, [3], [0, -1, 2]))
-        nodes += [helper.make_node("Reshape", ["Yf", "shape"], ["Y3"]), helper.make_node("Mul", ["Y3", "s"], ["P"]),
-                  helper.make_node("ReduceSum", ["P", "axis"], ["S"], keepdims=0)]
-        inits.append(helper.make_tensor("axis", TensorProto.INT64, [1], [2]))
-    else:                                           # (2Q, R) -> (Q, 2, R) * s[..., None] -> sum
-        inits += [_external("B", weights, opts), numpy_helper.from_array(scale, "scale"),
-                  helper.make_tensor("shape", TensorProto.INT64, [3], [-1, 2, weights.shape[1]]),
-                  helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
-                  helper.make_tensor("last", TensorProto.INT64, [1], [2])]
-        nodes += [helper.make_node("Reshape", ["Yf", "shape"], ["Y3"]), helper.make_node("Unsqueeze", ["s", "last"], ["s3"]),
-                  helper.make_node("Mul", ["Y3", "s3"], ["P"]),
-                  helper.make_node("ReduceSum", ["P", "axis"], ["PS"], keepdims=0),
-                  helper.make_node("Mul", ["PS", "scale"], ["S"])]
-    graph = helper.make_graph(nodes, "screen", inputs, [f32("S", [None, None])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+             helper.make_node("Cast", ["Y"], ["Yf"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["Yf", "shape"], ["Y3"]),                     # (Q, 2, R)
+             helper.make_node("Unsqueeze", ["s", "last"], ["s3"]), helper.make_node("Mul", ["Y3", "s3"], ["P"]),
+             helper.make_node("ReduceSum", ["P", "axis"], ["PS"], keepdims=0),
+             helper.make_node("Mul", ["PS", "scale"], ["S"])]
+    inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, weights.shape[0]]),
+              helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 2])]
+    return _session(nodes, inputs, inits, opts)
+
+
+def _rows_session(threads: int) -> ort.InferenceSession:
+    """Given rows against the queries: (A uint8 (R, H) = rows + 128, B int8 (H, 2Q) = query
+    pairs as columns, s (Q, 2)) -> s1 y1 + s2 y2 (R, Q), with y = (A - 128) @ B in exact int32."""
+    inits = [helper.make_tensor("zero", TensorProto.UINT8, [], [ROW_ZERO]),
+             helper.make_tensor("shape", TensorProto.INT64, [3], [0, -1, 2]),
+             helper.make_tensor("axis", TensorProto.INT64, [1], [2])]
+    nodes = [helper.make_node("MatMulInteger", ["A", "B", "zero"], ["Y"]),
+             helper.make_node("Cast", ["Y"], ["Yf"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["Yf", "shape"], ["Y3"]), helper.make_node("Mul", ["Y3", "s"], ["P"]),
+             helper.make_node("ReduceSum", ["P", "axis"], ["S"], keepdims=0)]
+    inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, None]),
+              helper.make_tensor_value_info("B", TensorProto.INT8, [None, None]),
+              helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 2])]
+    return _session(nodes, inputs, inits, _options(threads))
+
+
+def _check_exact_products(threads: int, H: int = 256) -> None:
+    """Both kinds of session on the largest values they are given, against int64 products:
+    a CPU whose integer kernels round or saturate them would break the bound."""
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([np.full((4, H), ROW_MAX), np.full((4, H), -ROW_MAX),
+                           rng.integers(-ROW_MAX, ROW_MAX + 1, (56, H))]).astype(np.int8)       # (64, H)
+    pairs = np.concatenate([np.full((2, H), QUERY_MAX), np.full((2, H), -QUERY_MAX),
+                            rng.integers(-QUERY_MAX, QUERY_MAX + 1, (4, H))])                    # (2Q, H), Q=4
+    y = pairs.astype(np.int64) @ rows.T.astype(np.int64)                                       # (2Q, 64)
+    want = (y[0::2] + y[1::2]).astype(np.float32)                                              # (Q, 64): exact
+    s = np.ones((4, 2), np.float32)                                      # y1 + y2 of each pair
+    weights = np.ascontiguousarray(rows.T)
+    got_w = _weights_session(weights, np.ones(len(rows), np.float32), threads).run(
+        None, {"A": (pairs + QUERY_ZERO).astype(np.uint8), "s": s})[0]
+    got_r = _rows_session(threads).run(None, {"A": (rows.astype(np.int16) + ROW_ZERO).astype(np.uint8),
+                                             "B": np.ascontiguousarray(pairs.T.astype(np.int8)), "s": s})[0]
+    if not (np.array_equal(got_w, want) and np.array_equal(got_r, want.T)):
+        raise RuntimeError("ONNX Runtime's integer products are not exact on this CPU, so the int8 "
+                           "screen's bound would not hold: set search.screen to bf16 or fp32")
 
 
 class Int8Screen:
     """int8 copies of both arrays (x ~ s_r q_r per row) and exact integer products.
 
-    The query is split in two int8 rows, q = s1 q1 + s2 q2 + d (the second quantizes the
-    first's remainder, so ||d|| ~ 1e-4), both scored in one pass over the weights. Then
-    |q.x - (s1 q1 + s2 q2).s_r q_r| <= ||q~|| ||x - s_r q_r|| + ||d|| ||x|| + rounding.
-    The clip side uses each video's largest residual norm, the frame side each row's."""
+    The query is split in two 7-bit rows, q = s1 q1 + s2 q2 + d (the second quantizes the
+    first's remainder, so ||d|| ~ 1e-4 ||q||), both scored in one pass over the stored rows:
+        |q.x - (s1 q1 + s2 q2).s_r q_r| <= ||q~|| ||x - s_r q_r|| + ||d|| ||x|| + rounding.
+    The clip side uses each video's largest residual norm, the frame side each row's.
+
+    ONNX Runtime gives each session its own thread pool: threads - 1 extra threads per
+    `video_chunk` videos (one session each) plus one for the gathered rows."""
 
     def __init__(self, clips: np.ndarray, attended: np.ndarray, K: int, video_chunk: int,
                  threads: int | None = None, gather_queries: int = 4):
         self.K, self.H, self.video_chunk, self.gather_queries = K, clips.shape[1], video_chunk, gather_queries
         threads = threads or torch.get_num_threads()
+        _check_exact_products(threads)
         cq, cs, cr, self.c_norm = _quantize_rows(clips)
         self.c_resid = torch.from_numpy(cr).view(-1, K).amax(1)                            # (N,)
         rows = video_chunk * K
         self.weights = [np.ascontiguousarray(cq[i:i + rows].T) for i in range(0, len(cq), rows)]  # (H, rows)
-        self.sessions = [_matmul_integer(w, cs[i * rows:(i + 1) * rows], threads)     # pre-packed: read once
+        self.sessions = [_weights_session(w, cs[i * rows:(i + 1) * rows], threads)   # pre-packed: read once
                          for i, w in enumerate(self.weights)]
         aq, a_scale, a_resid, self.a_norm = _quantize_rows(attended)
         self.a_u8 = torch.from_numpy(aq.view(np.uint8) ^ np.uint8(0x80))          # q + 128 (N*K, H)
         self.a_table = torch.from_numpy(np.stack([a_scale, a_resid], 1))           # (N*K, 2) per row
-        self.a_round = _INT8_ROUNDING * max(1.0, self.a_norm)
-        self.rows_session = _matmul_integer(None, None, threads)
+        self.rows_session = _rows_session(threads)
 
     def prepare(self, q: torch.Tensor) -> dict:
         x = q.numpy().astype(np.float64)                                                  # (Q, H)
         if not np.isfinite(x).all():
             raise ValueError("a query vector holds a value that is not finite (NaN or inf)")
-        s1 = _row_scale(x)
-        q1 = np.clip(np.rint(x / s1), -127, 127)
-        r = x - s1 * q1
-        s2 = _row_scale(r)
-        q2 = np.clip(np.rint(r / s2), -127, 127)
-        d = np.linalg.norm(r - s2 * q2, axis=1) * 1.001                                   # ||d||
+        q1, s1 = _quantize(x, QUERY_MAX)
+        q2, s2 = _quantize(x - s1 * q1, QUERY_MAX)
+        d = np.linalg.norm(x - s1 * q1 - s2 * q2, axis=1) * 1.001                         # ||d||
         qn = np.linalg.norm(s1 * q1 + s2 * q2, axis=1) * 1.001                            # ||q~||
-        Q = len(x)
-        rows = np.stack([q1, q2], 1).reshape(2 * Q, self.H)                               # (2Q, H)
-        return {"Q": Q, "a": (rows + 128).astype(np.uint8), "b": np.ascontiguousarray(rows.T.astype(np.int8)),
+        pairs = np.stack([q1, q2], 1).reshape(2 * len(x), self.H)                         # (2Q, H)
+        return {"Q": len(x), "a": (pairs + QUERY_ZERO).astype(np.uint8),
+                "b": np.ascontiguousarray(pairs.T.astype(np.int8)),
                 "s": np.concatenate([s1, s2], 1).astype(np.float32), "qn": torch.from_numpy(qn).float(),
                 "d": torch.from_numpy(d).float()}
+
+    def _err(self, state: dict, resid: torch.Tensor, norm: float, qi: torch.Tensor | None = None) -> torch.Tensor:
+        """The bound on screened scores of rows with residual norms `resid`: (Q, R) for every
+        query, or (R,) for row i and query qi[i]. The rounding term scales with |score|."""
+        if qi is None:
+            qn, d = state["qn"][:, None], state["d"][:, None]
+        else:
+            qn, d = state["qn"][qi], state["d"][qi]
+        return qn * resid + d * norm + _INT8_ROUNDING * qn * max(1.0, norm)
 
     def clips(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         K, Q = self.K, state["Q"]
         session = self.sessions[start // self.video_chunk]
         s = torch.from_numpy(session.run(None, {"A": state["a"], "s": state["s"]})[0])     # (Q, n*K)
-        err = (state["qn"][:, None] * self.c_resid[start:end]
-               + (state["d"] * self.c_norm + _INT8_ROUNDING * max(1.0, self.c_norm))[:, None])   # (Q, n)
-        return s.view(Q, end - start, K), err
+        return s.view(Q, end - start, K), self._err(state, self.c_resid[start:end], self.c_norm)   # err (Q, n)
 
     def frame_ub(self, state: dict, near: torch.Tensor, start: int) -> torch.Tensor:
         """Few queries: only the near clips' attended rows (a few per video), each row once for
@@ -276,7 +329,7 @@ class Int8Screen:
         if Q > self.gather_queries:
             rows = torch.arange(start * K, (start + n) * K)
             y = self._rows_product(state, rows, contiguous=True).T                       # (Q, n*K)
-            ub = y * self.a_table[rows, 0] + self._row_err(state, rows)
+            ub = y * self.a_table[rows, 0] + self._err(state, self.a_table[rows, 1], self.a_norm)
             return torch.where(near, ub.view(Q, n, K), float("-inf")).amax(-1)
         qi, vi, rows = _near_rows(near, start)
         if Q == 1:                                                   # rows are distinct already
@@ -284,17 +337,11 @@ class Int8Screen:
         else:
             uniq, where = torch.unique(rows, return_inverse=True)
             y = self._rows_product(state, uniq)[where, qi]                                # (R,)
-        err = self._row_err(state, rows, qi)
-        return _video_max(torch.addcmul(err, y, self.a_table[rows, 0]), qi, vi, Q, n)
+        table = self.a_table[rows]                                                        # (R, 2)
+        err = self._err(state, table[:, 1], self.a_norm, qi)
+        return _video_max(torch.addcmul(err, y, table[:, 0]), qi, vi, Q, n)
 
     def _rows_product(self, state: dict, rows: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
         """(s1 q1 + s2 q2) . q_r of the attended rows, before their scale: (R, Q) fp32."""
         a = self.a_u8[rows[0]:rows[-1] + 1] if contiguous else self.a_u8.index_select(0, rows)
         return torch.from_numpy(self.rows_session.run(None, {"A": a.numpy(), "B": state["b"], "s": state["s"]})[0])
-
-    def _row_err(self, state: dict, rows: torch.Tensor, qi: torch.Tensor | None = None) -> torch.Tensor:
-        """The bound of each attended row's screened score: (R,) for the queries qi, else (Q, R)."""
-        resid = self.a_table[rows, 1]
-        if qi is None:
-            return state["qn"][:, None] * resid + (state["d"] * self.a_norm + self.a_round)[:, None]
-        return state["qn"][qi] * resid + (state["d"][qi] * self.a_norm + self.a_round)
