@@ -221,14 +221,14 @@ def floor(cfg, answer: bytes, tmp: Path, overrides: dict, n: int) -> dict:
     handler that replays a recorded answer and does nothing else (ts_floor_handler.py)."""
     import subprocess
 
-    from prvr.archive import _model_config      # the batch size / delay the prvr archive gets
+    from prvr.archive import model_config          # the batch size / delay the prvr archive gets
     from prvr.client import Client
     from prvr.server import TorchServe
 
     work = tmp / "floor"
     (work / "store").mkdir(parents=True)
     (work / "answer.json").write_bytes(answer)
-    (work / "model-config.yaml").write_text(_model_config(cfg))
+    (work / "model-config.yaml").write_text(model_config(cfg))
     subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", "prvr",
                     "--version", "floor", "--handler", str(Path(__file__).with_name("ts_floor_handler.py")),
                     "--extra-files", str(work / "answer.json"), "--config-file", str(work / "model-config.yaml"),

@@ -29,7 +29,7 @@ from prvr.search import VideoIndex
 from prvr.search.ann import build_faiss_into, stored_ann_fits
 from prvr.serving import check_index
 
-__all__ = ["build_archive", "HANDLER", "DEFAULT_CONFIG", "LOG_CONFIG", "SERVING"]
+__all__ = ["build_archive", "model_config", "HANDLER", "DEFAULT_CONFIG", "LOG_CONFIG", "SERVING"]
 
 _SOURCE_SERVING = Path(__file__).resolve().parent.parent / "serving"
 # A source checkout has serving/ next to prvr/; the container image keeps it in /app/serving.
@@ -58,7 +58,7 @@ def _with_faiss_index(index_dir: Path, cfg: Config, manifest: dict) -> None:
         build_faiss_into(index_dir, cfg.search)
 
 
-def _model_config(cfg: Config) -> str:
+def model_config(cfg: Config) -> str:
     """TorchServe's per-model settings. ``clientTimeoutInMills`` (serve.client_timeout_ms) bounds
     how long a request may wait in the job queue, e.g. while a killed worker reloads the model."""
     text = (f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {cfg.serve.batch_size}\n"
@@ -90,7 +90,7 @@ def build_archive(checkpoint: str | Path, index_dir: str | Path, out_dir: str | 
             "serve": cfg.to_dict()["serve"], "search": cfg.to_dict()["search"],
         }
         (bundle / "serve.json").write_text(json.dumps(serve, indent=2) + "\n")
-        (tmp / "model-config.yaml").write_text(_model_config(cfg))
+        (tmp / "model-config.yaml").write_text(model_config(cfg))
         (tmp / "weights").mkdir()
         weights = tmp / "weights" / "model.pt"
         shutil.copyfile(checkpoint, weights)

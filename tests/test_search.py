@@ -23,8 +23,8 @@ from prvr.model import VideoEmbeddings
 from prvr.search import ExactSearch, VideoIndex, build_index_from_embeddings, make_engine
 from prvr.search.ann import FaissSearch, ann_params, train_and_add
 from prvr.search import build as build_mod
-from prvr.search.exact import BF16_OUT_REL, bf16_supported
-from prvr.search.screen import Int8Screen
+from prvr.search.exact import bf16_supported
+from prvr.search.screen import BF16_OUT_REL, Int8Screen
 
 
 def _emb(N: int, K: int = 8, H: int = 32, seed: int = 0, dup: bool = True) -> VideoEmbeddings:
@@ -287,7 +287,8 @@ def test_int8_screen_stays_within_its_error_bound(tmp_path, queries):
     g = torch.Generator().manual_seed(3)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
-        s, err = screen.clips(state, start, end)
+        s, smax, err = screen.clips(state, start, end)
+        assert torch.equal(smax, s.amax(-1))
         assert float((err.double()[..., None] - (s.double() - exact_c[:, start:end]).abs()).min()) >= 0
         assert float(err[:, max(0, 20 - start):].max()) < 0.02                    # unit rows: tight
         for near in (torch.ones_like(s, dtype=torch.bool), torch.rand(s.shape, generator=g) < 0.3):
@@ -338,6 +339,7 @@ def test_int8_screen_refuses_a_cpu_whose_integer_products_are_not_exact(monkeypa
             return [self.session.run(outputs, feeds)[0] + 1.0]
 
     monkeypatch.setattr(screen_mod, "_rows_session", OffByOne)
+    screen_mod._check_exact_products.cache_clear()                 # checked once per process
     rows = np.eye(16, dtype=np.float32)
     with pytest.raises(RuntimeError, match="not exact on this CPU.*set search.screen to bf16 or fp32"):
         Int8Screen(rows, rows, 8, 4)
@@ -367,8 +369,9 @@ def test_make_engine_screens_as_search_screen_says(tmp_path):
 def test_int8_engine_equals_fp32_on_hostile_rows(tmp_path):
     """Zero rows (score 0) and near one-hot rows in the index: the int8 engine's top-10 has
     the fp32 engine's scores, and each listed video really has the score listed."""
-    index = VideoIndex.load(_write(_hostile_emb(), tmp_path / "idx"))
-    q = _queries(_hostile_emb(), 24)
+    emb = _hostile_emb()
+    index = VideoIndex.load(_write(emb, tmp_path / "idx"))
+    q = _queries(emb, 24)
     full = ExactSearch(index, precision="fp32").search(q, index.clips.shape[0])         # every video
     table = torch.empty_like(full.fused).scatter_(1, full.video_idx, full.fused)         # (Q, N) exact
     eng = ExactSearch(index, precision="int8", video_chunk=100)

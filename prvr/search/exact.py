@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from prvr.metrics import ranks_from_scores
 from prvr.model import fuse, score
 from prvr.search.index import VideoIndex
-from prvr.search.screen import BF16_OUT_REL, Bf16Screen, Int8Screen, _tensor, _view, bf16_supported
+from prvr.search.screen import Bf16Screen, Int8Screen, _tensor, _view, bf16_supported
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SearchResult", "ExactSearch", "bf16_supported", "as_queries",
-           "merge_topk", "empty_result", "BF16_OUT_REL", "PRECISIONS"]
+           "merge_topk", "empty_result", "PRECISIONS"]
 
 PRECISIONS = ("int8", "bf16", "fp32")         # search.screen
 
@@ -166,8 +166,7 @@ class ExactSearch:
         near_sel = torch.zeros((Q, 0, K), dtype=torch.bool)
         for start in range(0, self.N, self.video_chunk):
             end = min(start + self.video_chunk, self.N)
-            s, err = self._screen.clips(state, start, end)               # (Q, n, K), |s - exact| <= err
-            smax = s.amax(-1)                                                              # (Q, n)
+            s, smax, err = self._screen.clips(state, start, end)     # (Q, n, K), (Q, n); |s - exact| <= err
             near = s >= (smax - 2 * err)[..., None]         # clips that may be the exact key clip
             ub = fuse(smax + err, self._screen.frame_ub(state, near, start), alpha)
             v, i = ub.topk(min(keep, end - start), dim=1)

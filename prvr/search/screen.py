@@ -3,8 +3,9 @@ within a rigorous error bound, so that `ExactSearch` can certify its top-k.
 
 A screen answers two questions for the queries of one call:
 
-* ``clips(state, start, end)``: screened clip scores (Q, n, K) of videos start..end and a
-  bound ``err`` (broadcastable to (Q, n)) with |screened - exact fp32 cosine| <= err;
+* ``clips(state, start, end)``: screened clip scores (Q, n, K) of videos start..end, their
+  max per video (Q, n) and a bound ``err`` (broadcastable to (Q, n)) with
+  |screened - exact fp32 cosine| <= err;
 * ``frame_ub(state, near, start)``: an upper bound (Q, n) on each video's exact frame score
   over its clips marked in ``near`` (the clips that may be its key clip).
 
@@ -15,6 +16,7 @@ row; the clips once more in ONNX Runtime's pre-packed form) and exact integer pr
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -120,12 +122,13 @@ class Bf16Screen:
             return torch.mv(clips, qb[0]).float()[None]
         return F.linear(qb, clips).float()
 
-    def clips(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def clips(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         K = self.K
         s = self.products(state["qb"], start * K, end * K).view(len(state["qb"]), end - start, K)
+        smax = s.amax(-1)
         # output rounding matters only near each video's max: |x| <= max|smax| + window
-        big = s.amax(-1).abs().amax(1, keepdim=True) + 2 * (state["e_c"] + 2 * BF16_OUT_REL)   # (Q, 1)
-        return s, state["e_c"] + BF16_OUT_REL * big
+        big = smax.abs().amax(1, keepdim=True) + 2 * (state["e_c"] + 2 * BF16_OUT_REL)          # (Q, 1)
+        return s, smax, state["e_c"] + BF16_OUT_REL * big
 
     def frame_ub(self, state: dict, near: torch.Tensor, start: int) -> torch.Tensor:
         """Few queries: gather only the near clips' attended vectors (about one per video),
@@ -245,9 +248,10 @@ def _rows_session(threads: int) -> ort.InferenceSession:
     return _session(nodes, inputs, inits, _options(threads))
 
 
+@functools.lru_cache(maxsize=None)
 def _check_exact_products(threads: int, H: int = 256) -> None:
     """Both kinds of session on the largest values they are given, against int64 products:
-    a CPU whose integer kernels round or saturate them would break the bound."""
+    a CPU whose integer kernels round or saturate them would break the bound (once a process)."""
     rng = np.random.default_rng(0)
     rows = np.concatenate([np.full((4, H), ROW_MAX), np.full((4, H), -ROW_MAX),
                            rng.integers(-ROW_MAX, ROW_MAX + 1, (56, H))]).astype(np.int8)       # (64, H)
@@ -316,11 +320,11 @@ class Int8Screen:
             qn, d = state["qn"][qi], state["d"][qi]
         return qn * resid + d * norm + _INT8_ROUNDING * qn * max(1.0, norm)
 
-    def clips(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def clips(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         K, Q = self.K, state["Q"]
         session = self.sessions[start // self.video_chunk]
-        s = torch.from_numpy(session.run(None, {"A": state["a"], "s": state["s"]})[0])     # (Q, n*K)
-        return s.view(Q, end - start, K), self._err(state, self.c_resid[start:end], self.c_norm)   # err (Q, n)
+        s = torch.from_numpy(session.run(None, {"A": state["a"], "s": state["s"]})[0]).view(Q, end - start, K)
+        return s, s.amax(-1), self._err(state, self.c_resid[start:end], self.c_norm)          # err (Q, n)
 
     def frame_ub(self, state: dict, near: torch.Tensor, start: int) -> torch.Tensor:
         """Few queries: only the near clips' attended rows (a few per video), each row once for
