@@ -188,10 +188,26 @@ def _share(gt: np.ndarray, found: list) -> float:
     return round(float(np.mean([len(set(g.tolist()) & set(f)) / len(g) for g, f in zip(gt, found)])), 4)
 
 
+ERROR_HITS = 1000      # hits per query whose codes error is measured (memory stays bounded at any refine)
+
+
+def codes_error(eng: FaissSearch, qn: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> float:
+    """Std of the re-score codes' q.z against the exact q.z of the same hits (Q, n)."""
+    rows = labels.reshape(-1)
+    order = np.argsort(rows)
+    fc = eng.index.clips.reshape(-1, eng.index.dim)
+    fa = eng.index.attended.reshape(-1, eng.index.dim)
+    z = np.empty((len(rows), eng.index.dim), np.float32)
+    z[order] = fused_rows(fc[rows[order]], fa[rows[order]], eng.index.alpha, 0, len(rows))
+    exact = np.einsum("qh,qnh->qn", qn, z.reshape(len(qn), -1, eng.index.dim))
+    return float(np.std(scores - exact))
+
+
 def stage_recall(eng: FaissSearch, q: torch.Tensor, gt: np.ndarray) -> dict[str, float]:
     """Share of the true top-10 videos with a clip among the engine's `refine` hits (what the IVF
     probe and the fast scan let through) and among its candidates (what the re-score keeps), and
-    the re-score codes' error on q.z of the hits (std against the exact value, 20 queries)."""
+    the re-score codes' error on q.z of the hits (std against the exact value, the first
+    ERROR_HITS hits of 20 queries)."""
     K, cfg, qn = eng.K, eng.cfg, np.ascontiguousarray(q.numpy())
     need = min(eng.N, max(10, cfg.candidates))
     scores, labels = eng.faiss.search(qn, min(eng.N * K, max(cfg.refine, 2 * need)))
@@ -199,14 +215,7 @@ def stage_recall(eng: FaissSearch, q: torch.Tensor, gt: np.ndarray) -> dict[str,
         cands, err = best_videos(eng.index, q, labels, need, eng.index.alpha), 0.0
     else:
         cands = distinct_videos(labels, K, need)
-        rows = labels[:20].reshape(-1)
-        order = np.argsort(rows)
-        fc = eng.index.clips.reshape(-1, eng.index.dim)
-        fa = eng.index.attended.reshape(-1, eng.index.dim)
-        z = np.empty((len(rows), eng.index.dim), np.float32)
-        z[order] = fused_rows(fc[rows[order]], fa[rows[order]], eng.index.alpha, 0, len(rows))
-        exact = np.einsum("qh,qnh->qn", qn[:20], z.reshape(20, -1, eng.index.dim))
-        err = float(np.std(scores[:20] - exact))
+        err = codes_error(eng, qn[:20], scores[:20, :ERROR_HITS], labels[:20, :ERROR_HITS])
     return {"hit_recall10": _share(gt, [(row[row >= 0] // K).tolist() for row in labels]),
             "candidate_recall10": _share(gt, [c.tolist() for c in cands]), "codes_error_std": round(err, 5)}
 
