@@ -114,9 +114,11 @@ def ground_truth(index: VideoIndex, q: torch.Tensor, workdir: Path, tag: str) ->
     return gt, ms
 
 
-def fast_scan(index: VideoIndex, cfg: Any, workdir: Path, corpus_tag: str) -> tuple[Any, float]:
-    """(the IVF-PQ fast-scan index without re-score codes, build seconds): built with prvr's code
-    path (`train_and_add`), cached in `workdir` (at 1M videos, nlist 4096: hours on one core)."""
+def fast_scan(index: VideoIndex, cfg: Any, workdir: Path, corpus_tag: str) -> tuple[Path, float]:
+    """(the file of the IVF-PQ fast-scan index without re-score codes, build seconds): built with
+    prvr's code path (`train_and_add`), cached in `workdir` (at 1M videos, nlist 4096: hours on one
+    core). Not loaded here: reading a faiss file briefly takes twice its size in RAM, so only the
+    index that is used is read."""
     params = ann_params(cfg.replace(refine_codes="arrays"), index.count * K, index.alpha)
     tag = "_".join(str(params[k]) for k in ("index_type", "nlist", "pq_m", "alpha"))
     path = workdir / f"{corpus_tag}_{tag}.faiss"
@@ -129,16 +131,17 @@ def fast_scan(index: VideoIndex, cfg: Any, workdir: Path, corpus_tag: str) -> tu
         path.with_suffix(".json").write_text(json.dumps({"build_s": round(time.perf_counter() - t0, 1),
                                                          "params": params}))
         del built
-    return faiss.read_index(str(path)), json.loads(path.with_suffix(".json").read_text())["build_s"]
+    return path, json.loads(path.with_suffix(".json").read_text())["build_s"]
 
 
-def with_codes(index: VideoIndex, cfg: Any, fast: Any, stem: Path) -> tuple[Any, float]:
-    """(the fast-scan index with `cfg`'s re-score codes, their build seconds): built by the engine
-    (prvr's path for a config asking for other codes than the file's), cached as `stem`.faiss."""
+def with_codes(index: VideoIndex, cfg: Any, fast: Path, stem: Path) -> tuple[Any, float]:
+    """(the fast-scan index in file `fast` with `cfg`'s re-score codes, their build seconds): built by
+    the engine (prvr's path for a config asking for other codes than the file's), cached as
+    `stem`.faiss."""
     path = stem.with_suffix(".faiss")
     if not path.exists():
         t0 = time.perf_counter()
-        built = FaissSearch(index, cfg, faiss_index=fast).faiss
+        built = FaissSearch(index, cfg, faiss_index=faiss.read_index(str(fast))).faiss
         faiss.write_index(built, str(path.with_suffix(".tmp")))
         os.replace(path.with_suffix(".tmp"), path)
         path.with_suffix(".json").write_text(json.dumps({"build_s": round(time.perf_counter() - t0, 1)}))
@@ -259,10 +262,10 @@ def sweep(index: VideoIndex, codes: str, q: torch.Tensor, gt: np.ndarray, args: 
     base = default_config().search.replace(backend="faiss", index_type="ivfpqfs", nlist=args.nlist,
                                            pq_m=args.pq_m, refine_codes=codes)
     before = private_gib()
-    fi, build_s = fast_scan(index, base, Path(args.workdir), corpus_tag)
+    fast, build_s = fast_scan(index, base, Path(args.workdir), corpus_tag)
     drop_pages(index)                                       # the build may have read every row
     index = make_corpus(args.videos, args.seed, "float16", Path(args.workdir))    # fresh mappings
-    fi, codes_s = with_codes(index, base, fi, Path(args.workdir) / f"{corpus_tag}_{args.nlist}_{args.pq_m}_{codes}")
+    fi, codes_s = with_codes(index, base, fast, Path(args.workdir) / f"{corpus_tag}_{args.nlist}_{args.pq_m}_{codes}")
     nbytes = faiss_bytes(fi)
     rows = []
     for nprobe, refine, cands in itertools.product(args.nprobe, args.refine, args.candidates):
