@@ -551,6 +551,26 @@ def test_faiss_refine_codes_rescore_hits_in_faiss_and_follow_the_config(tmp_path
         search_cfg(backend="faiss", refine_codes="fp8")
 
 
+def test_a_large_stored_faiss_file_is_mapped_and_searches_like_one_read_into_ram(tmp_path, monkeypatch):
+    """Above MAP_ABOVE_BYTES the stored index (its inverted lists and re-score codes) is
+    memory-mapped from the file, not copied: same answers as the index read into RAM."""
+    import prvr.search.ann as ann
+
+    emb = _emb(300, K=8, H=32, dup=False)
+    built = search_cfg(index_type="ivfpqfs", nlist=8, nprobe=4, pq_m=8, refine_codes="sq8")
+    path = _write(emb, tmp_path / "idx", ann=built)
+    q = _queries(emb, 20)
+    cfg = search_cfg(backend="faiss", index_type="ivfpqfs", nprobe=4, refine_codes="sq8", refine=200, candidates=20)
+    in_ram = make_engine(VideoIndex.load(path), cfg).search(q, 10)
+    monkeypatch.setattr(ann, "MAP_ABOVE_BYTES", 0)
+    mapped_engine = make_engine(VideoIndex.load(path), cfg)
+    mapped = mapped_engine.search(q, 10)
+    maps = Path("/proc/self/maps").read_text()
+    assert str((path / "faiss.index").resolve()) in maps           # the file is mapped, not read
+    assert mapped_engine.params["refine_codes"] == "sq8"
+    assert torch.equal(mapped.video_idx, in_ram.video_idx) and torch.equal(mapped.fused, in_ram.fused)
+
+
 @pytest.mark.integration
 def test_milvus_matches_the_reference(tmp_path):
     pytest.importorskip("pymilvus")

@@ -47,6 +47,17 @@ __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into
            "rerank", "best_videos", "distinct_videos", "fused_rows", "stored_ann_fits"]
 
 
+# Stored faiss files above this size are memory-mapped, not read: their inverted lists and flat
+# re-score codes stay in the page cache (shared by every worker process serving the same index);
+# read into RAM, faiss took more than twice the file's size while loading (>20 GB for the 7.9 GB
+# file of a million videos with sq4 codes: results/million-sq4-wide.json).
+MAP_ABOVE_BYTES = 1 << 30
+
+
+def _map_flags() -> int:
+    return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC
+
+
 def ann_params(cfg: SearchConfig, n_vectors: int, alpha: float) -> dict[str, Any]:
     """The parameters an index is built with (nlist clamped so each list gets >= 39 points)."""
     if cfg.index_type not in ANN_INDEX_TYPES:
@@ -339,7 +350,7 @@ class FaissSearch:
             f = index.path / stored["file"]
             if not f.is_file() or f.stat().st_size != stored.get("bytes"):
                 raise SearchIndexError(f"faiss index {f} is missing or truncated")
-            faiss_index = faiss.read_index(str(f), faiss.IO_FLAG_MMAP if stored["bytes"] > 1 << 30 else 0)
+            faiss_index = faiss.read_index(str(f), _map_flags() if stored["bytes"] > MAP_ABOVE_BYTES else 0)
             self.params.update({k: stored[k] for k in ("nlist", "hnsw_m", "pq_m", "alpha") if k in stored})
         if faiss_index is None:
             faiss_index = train_and_add(index.clips, index.attended, self.params)
