@@ -77,13 +77,18 @@ def drop_pages(index: VideoIndex) -> None:
             os.close(fd)
 
 
-def cached_share(index: VideoIndex) -> float:
-    """Share of the corpus files' pages in the page cache (mincore over a fresh mapping)."""
+def _libc() -> Any:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+def cached_share(index: VideoIndex) -> float:
+    """Share of the corpus files' pages in the page cache (mincore over a fresh mapping)."""
+    libc = _libc()
     cached = total = 0
     for _, name in _files(index):
         size = os.path.getsize(name)
@@ -154,7 +159,7 @@ def with_codes(index: VideoIndex, cfg: Any, fast: Path, stem: Path) -> tuple[Any
 def read_mapped(path: Path) -> Any:
     """A stored index with its flat re-score codes memory-mapped (IO_FLAG_MMAP_IFC), then read in
     once so they are resident. Read into RAM instead, faiss peaked at over 20 GB for the 7.9 GB sq4
-    file at 1M videos. Their resident pages count in `resident_gib` (`mapped_gib`)."""
+    file at 1M videos. Their resident pages count in `resident_gib` (`mapped_codes_gib`)."""
     fi = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -166,15 +171,22 @@ def read_mapped(path: Path) -> Any:
     return fi
 
 
-def mapped_gib(path: Path) -> float:
-    """Resident pages of this process's mappings of `path` (GiB), from /proc/self/smaps."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if "-" in line.split(" ", 1)[0]:                         # a mapping's header line
-            inside = line.endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return round(total / 2 ** 20, 2)
+def mapped_codes_gib(fi: Any) -> float:
+    """Resident bytes (GiB) of the re-score codes when they are memory-mapped (mincore over their
+    own address range: the rest of the mapped file, read once at load, is not counted); 0 when
+    faiss holds them in its own memory (then they are private memory)."""
+    if not isinstance(fi, faiss.IndexRefine):
+        return 0.0
+    codes = faiss.downcast_index(fi.refine_index).codes
+    if codes.is_owned or codes.size() == 0:
+        return 0.0
+    addr = faiss.rev_swig_ptr(codes.data(), codes.size()).ctypes.data
+    start = addr - addr % mmap.PAGESIZE
+    length = codes.size() + addr - start
+    vec = np.zeros((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE, np.uint8)
+    if _libc().mincore(ctypes.c_void_p(start), length, vec.ctypes.data_as(ctypes.c_void_p)) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return round(min(int((vec & 1).sum()) * mmap.PAGESIZE, codes.size()) / GIB, 2)
 
 
 def faiss_bytes(fi: Any) -> int:
@@ -292,8 +304,7 @@ def sweep(index: VideoIndex, codes: str, q: torch.Tensor, gt: np.ndarray, args: 
     fast, build_s = fast_scan(index, base, Path(args.workdir), corpus_tag)
     drop_pages(index)                                       # the build may have read every row
     index = make_corpus(args.videos, args.seed, "float16", Path(args.workdir))    # fresh mappings
-    stem = Path(args.workdir) / f"{corpus_tag}_{args.nlist}_{args.pq_m}_{codes}"
-    fi, codes_s = with_codes(index, base, fast, stem)
+    fi, codes_s = with_codes(index, base, fast, Path(args.workdir) / f"{corpus_tag}_{args.nlist}_{args.pq_m}_{codes}")
     nbytes = faiss_bytes(fi)
     rows = []
     for nprobe, refine, cands in itertools.product(args.nprobe, args.refine, args.candidates):
@@ -313,7 +324,7 @@ def sweep(index: VideoIndex, codes: str, q: torch.Tensor, gt: np.ndarray, args: 
                "ms_b50_warm": time_batch(eng, q[:50]),
                "fast_scan_build_s": build_s, "codes_build_s": codes_s,
                "faiss_bytes_per_video": round(nbytes / args.videos, 1), "private_gib": private_gib(),
-               "mapped_gib": mapped_gib(stem.with_suffix(".faiss").resolve()),
+               "mapped_gib": mapped_codes_gib(fi),
                "engine_private_gib": round(private_gib() - before, 2), "memory_gib": memory_gib(),
                "load_avg": round(os.getloadavg()[0], 2)}
         if args.read_ahead_off:

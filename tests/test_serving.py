@@ -281,7 +281,6 @@ def test_handler_with_mock_context(art, tmp_path, caplog, monkeypatch, text_enco
     with caplog.at_level(logging.INFO):
         handler.initialize(ctx)
         out = handler.handle(data, ctx)
-        handler.service.flush_metrics()          # written by the emitter thread after the answers
     assert len(out) == 4
     statuses = [ctx.get_response_status(i)[0] for i in range(4)]
     assert statuses == [200, 400, 415, 200]
@@ -354,35 +353,6 @@ def test_service_without_metrics_cache(retriever):
     stages = dict(part.split(";dur=") for part in value.split(", "))
     assert key == "Server-Timing" and set(stages) == {"parse", "encode", "score"}
     assert float(stages["encode"]) > 0 and float(stages["score"]) > 0
-
-
-def test_metrics_are_written_after_the_answers_and_survive_a_failing_batch(retriever, caplog, monkeypatch):
-    """The emitter thread writes a batch's lines after handle() returned; an error while writing
-    one batch is logged and the next batch's lines still come."""
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-
-    import prvr.serving.torchserve as ts_glue
-
-    cache = MetricsCacheYamlImpl(config_file_path=str(REPO / "serving" / "metrics.yaml"))
-    cache.initialize_cache()
-    service = TorchServeService(retriever, cache)
-    monkeypatch.setattr(ts_glue, "METRICS_DELAY_S", 0.3)
-    with caplog.at_level(logging.INFO):
-        service.handle([{"body": {"query": "a man opens the fridge"}}], _PlainContext())
-        assert "prvr_requests_total" not in caplog.text                  # not on the request's path
-        service.flush_metrics()
-        assert caplog.text.count("[METRICS]prvr_requests_total.Count:1|") == 1
-        monkeypatch.setattr(ts_glue, "METRICS_DELAY_S", 0.0)
-        real = service._record
-        monkeypatch.setattr(service, "_record", lambda *a: (_ for _ in ()).throw(RuntimeError("disk full")))
-        service.handle([{"body": {"query": "x"}}], _PlainContext())
-        service.flush_metrics()
-        assert "could not emit metrics" in caplog.text and "disk full" in caplog.text
-        monkeypatch.setattr(service, "_record", real)
-        service.handle([{"body": {"query": "y"}}], _PlainContext())
-        service.flush_metrics()
-    assert caplog.text.count("[METRICS]prvr_requests_total.Count:1|") == 2
-    assert service._emitter is not None and service._emitter.is_alive()
 
 
 # --------------------------------------------------------------------------- archive

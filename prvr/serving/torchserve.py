@@ -9,11 +9,6 @@ adapter (``prvr.kserve_app``). This is the only module that touches TorchServe, 
 ``ts`` only inside a TorchServe worker (see ``_register_metrics``), so it loads, and is tested,
 without a server.
 
-The metric lines are written by a background thread a moment after each batch
-(``METRICS_DELAY_S``), once the answers are on their way: TorchServe reads them from the
-worker's log and parses each one, which cost about a millisecond of every request when they
-were written before the answers.
-
 Latencies are recorded in deciseconds (100 ms): TorchServe 0.12 gives every histogram the
 Prometheus Java client's default buckets (0.005 .. 10), which then span 0.5 ms .. 1 s.
 """
@@ -21,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
 import time
 from typing import Any
 
@@ -45,7 +38,6 @@ METRICS = (
 )
 OUTCOMES = ("ok", "bad_request", "error")
 DECISECONDS = 10.0      # per second
-METRICS_DELAY_S = 0.002  # the metric lines of a batch are written this long after it is answered
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -82,8 +74,6 @@ class TorchServeService:
         self.retriever = retriever
         self.model_name = model_name
         self._metrics = self._register_metrics(metrics_cache)
-        self._pending: queue.Queue = queue.Queue()
-        self._emitter: threading.Thread | None = None
         self._emit("prvr_corpus_size", retriever.corpus_size, [retriever.model_version])
 
     @classmethod
@@ -136,37 +126,13 @@ class TorchServeService:
                 else:
                     context.set_response_header(i, key, value)
             out.append(json.dumps(a.body))
-        self._later([a.outcome for a in answers], dict(timings), time.perf_counter() - t0)
+        self._record(answers, timings, time.perf_counter() - t0)
         return out
 
-    def _later(self, outcomes: list[str], timings: dict[str, float], elapsed: float) -> None:
-        """Hand a batch's metrics to the emitter thread (started on first use)."""
-        if not self._metrics:
-            return
-        if self._emitter is None:
-            self._emitter = threading.Thread(target=self._emit_loop, name="prvr-metrics", daemon=True)
-            self._emitter.start()
-        self._pending.put((outcomes, timings, elapsed))
-
-    def _emit_loop(self) -> None:
-        while True:
-            batch = self._pending.get()
-            time.sleep(METRICS_DELAY_S)              # the answers leave first (the GIL is free)
-            try:
-                self._record(*batch)
-            except Exception:  # noqa: BLE001 - a metric must never stop the emitter
-                logger.exception("prvr: could not emit metrics")
-            finally:
-                self._pending.task_done()
-
-    def flush_metrics(self) -> None:
-        """Wait until every answered batch's metrics are written (tests; shutdown)."""
-        self._pending.join()
-
-    def _record(self, outcomes: list[str], timings: dict[str, float], elapsed: float) -> None:
+    def _record(self, answers: list, timings: dict[str, float], elapsed: float) -> None:
         """One metric line per request (outcome, latency) and per batch (stages, queries)."""
-        for outcome in outcomes:
-            self._emit("prvr_requests_total", 1, [outcome])
+        for a in answers:
+            self._emit("prvr_requests_total", 1, [a.outcome])
             self._emit("prvr_request_latency_deciseconds", DECISECONDS * elapsed)
         for stage in STAGES:
             if stage == "parse" or timings.get("queries"):
