@@ -250,8 +250,7 @@ def floor(cfg, answer: bytes, tmp: Path, overrides: dict, n: int) -> dict:
 # serve.max_batch_delay_ms for batch mates; `bf16-screen` the exact engine's bf16 screen
 # instead of the int8 one (search.screen).
 CONFIGS = {"default": [], "fp32-text": ["text.quantize=none"], "bf16-screen": ["search.screen=bf16"],
-           "batch-1": ["serve.batch_size=1"], "batch-4": ["serve.batch_size=4"],
-           "delay-0": ["serve.max_batch_delay_ms=0"]}
+           "batch-1": ["serve.batch_size=1"], "batch-4": ["serve.batch_size=4"]}
 
 
 def measure(cfg, args, tmp: Path) -> dict:

@@ -295,6 +295,9 @@ class ServeConfig(_Section):
     def _consistent(self) -> "ServeConfig":
         if self.top_k > self.max_top_k:
             raise ValueError(f"serve.top_k must be <= serve.max_top_k ({self.max_top_k}), got {self.top_k}")
+        if self.batch_size > 1 and self.max_batch_delay_ms == 0:     # measured: every lone request +100 ms
+            raise ValueError("serve.max_batch_delay_ms must be >= 1 when serve.batch_size > 1: TorchServe 0.12 "
+                             "takes 0 as its own default delay of 100 ms for every batch")
         return self
 
 
