@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import itertools
 import json
 import mmap
@@ -51,7 +52,7 @@ import results  # noqa: E402 - results/NAME.json and its README block
 from search_bench import K, make_corpus, make_queries, memory_gib, overlap  # noqa: E402 - the shared corpus
 from prvr.config import default_config  # noqa: E402
 from prvr.search.ann import (FaissSearch, ann_params, best_videos, distinct_videos, fused_rows,  # noqa: E402
-                             rerank, train_and_add)
+                             read_faiss, rerank, train_and_add)
 from prvr.search.exact import ExactSearch  # noqa: E402
 from prvr.search.index import VideoIndex  # noqa: E402
 
@@ -77,6 +78,7 @@ def drop_pages(index: VideoIndex) -> None:
             os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
 def _libc() -> Any:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
@@ -84,6 +86,16 @@ def _libc() -> Any:
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     return libc
+
+
+def resident_pages(addr: int, length: int) -> int:
+    """Pages of the mapped range addr..addr+length in RAM (mincore; addr need not be aligned)."""
+    start = addr - addr % mmap.PAGESIZE
+    length += addr - start
+    vec = np.zeros((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE, np.uint8)
+    if _libc().mincore(ctypes.c_void_p(start), length, vec.ctypes.data_as(ctypes.c_void_p)) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return int((vec & 1).sum())
 
 
 def cached_share(index: VideoIndex) -> float:
@@ -95,14 +107,13 @@ def cached_share(index: VideoIndex) -> float:
         fd = os.open(name, os.O_RDONLY)
         try:
             addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            vec = np.zeros((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE, np.uint8)
-            rc = libc.mincore(ctypes.c_void_p(addr), size, vec.ctypes.data_as(ctypes.c_void_p))
-            libc.munmap(ctypes.c_void_p(addr), size)
+            try:
+                cached += resident_pages(addr, size)
+            finally:
+                libc.munmap(ctypes.c_void_p(addr), size)
         finally:
             os.close(fd)
-        if rc != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        cached, total = cached + int((vec & 1).sum()), total + len(vec)
+        total += (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
     return cached / total
 
 
@@ -160,7 +171,7 @@ def read_mapped(path: Path) -> Any:
     """A stored index with its flat re-score codes memory-mapped (IO_FLAG_MMAP_IFC), then read in
     once so they are resident. Read into RAM instead, faiss peaked at over 20 GB for the 7.9 GB sq4
     file at 1M videos. Their resident pages count in `resident_gib` (`mapped_codes_gib`)."""
-    fi = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    fi = read_faiss(path, mapped=True)                    # prvr's loader above MAP_ABOVE_BYTES
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
@@ -181,12 +192,7 @@ def mapped_codes_gib(fi: Any) -> float:
     if codes.is_owned or codes.size() == 0:
         return 0.0
     addr = faiss.rev_swig_ptr(codes.data(), codes.size()).ctypes.data
-    start = addr - addr % mmap.PAGESIZE
-    length = codes.size() + addr - start
-    vec = np.zeros((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE, np.uint8)
-    if _libc().mincore(ctypes.c_void_p(start), length, vec.ctypes.data_as(ctypes.c_void_p)) != 0:
-        raise OSError(ctypes.get_errno(), "mincore failed")
-    return round(min(int((vec & 1).sum()) * mmap.PAGESIZE, codes.size()) / GIB, 2)
+    return round(min(resident_pages(addr, codes.size()) * mmap.PAGESIZE, codes.size()) / GIB, 2)
 
 
 def faiss_bytes(fi: Any) -> int:

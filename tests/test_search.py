@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prvr.config import ConfigError, SearchConfig, default_config, load_config
+from prvr.config import ANN_INDEX_TYPES, ConfigError, SearchConfig, default_config, load_config
 from prvr.errors import SearchIndexError
 from prvr.model import VideoEmbeddings
 from prvr.search import ExactSearch, VideoIndex, build_index_from_embeddings, make_engine
@@ -551,24 +551,34 @@ def test_faiss_refine_codes_rescore_hits_in_faiss_and_follow_the_config(tmp_path
         search_cfg(backend="faiss", refine_codes="fp8")
 
 
-def test_a_large_stored_faiss_file_is_mapped_and_searches_like_one_read_into_ram(tmp_path, monkeypatch):
-    """Above MAP_ABOVE_BYTES the stored index (its inverted lists and re-score codes) is
-    memory-mapped from the file, not copied: same answers as the index read into RAM."""
+@pytest.mark.parametrize("index_type", ANN_INDEX_TYPES)
+def test_a_large_stored_faiss_file_is_mapped_and_searches_like_one_read_into_ram(index_type, tmp_path, monkeypatch):
+    """Above MAP_ABOVE_BYTES a stored index of every type opens with its flat codes memory-mapped
+    from the file, not copied, and answers like the index read into RAM; asking for other
+    re-score codes (the base is then cloned) works on the mapped file too."""
+    import faiss
+
     import prvr.search.ann as ann
 
     emb = _emb(300, K=8, H=32, dup=False)
-    built = search_cfg(index_type="ivfpqfs", nlist=8, nprobe=4, pq_m=8, refine_codes="sq8")
+    built = search_cfg(index_type=index_type, nlist=8, nprobe=4, pq_m=8, refine_codes="sq8")
     path = _write(emb, tmp_path / "idx", ann=built)
     q = _queries(emb, 20)
-    cfg = search_cfg(backend="faiss", index_type="ivfpqfs", nprobe=4, refine_codes="sq8", refine=200, candidates=20)
-    in_ram = make_engine(VideoIndex.load(path), cfg).search(q, 10)
-    monkeypatch.setattr(ann, "MAP_ABOVE_BYTES", 0)
-    mapped_engine = make_engine(VideoIndex.load(path), cfg)
-    mapped = mapped_engine.search(q, 10)
-    maps = Path("/proc/self/maps").read_text()
-    assert str((path / "faiss.index").resolve()) in maps           # the file is mapped, not read
-    assert mapped_engine.params["refine_codes"] == "sq8"
-    assert torch.equal(mapped.video_idx, in_ram.video_idx) and torch.equal(mapped.fused, in_ram.fused)
+    results = {}
+    for codes in ("sq8", "fp16"):
+        cfg = search_cfg(backend="faiss", index_type=index_type, nprobe=4, refine_codes=codes, refine=200,
+                         candidates=20)
+        in_ram = make_engine(VideoIndex.load(path), cfg).search(q, 10)
+        monkeypatch.setattr(ann, "MAP_ABOVE_BYTES", 0)
+        mapped = make_engine(VideoIndex.load(path), cfg)
+        monkeypatch.setattr(ann, "MAP_ABOVE_BYTES", 1 << 30)
+        results[codes] = mapped.search(q, 10)
+        assert mapped.params["refine_codes"] == codes
+        assert torch.equal(results[codes].video_idx, in_ram.video_idx), codes
+        assert torch.equal(results[codes].fused, in_ram.fused), codes
+        if codes == "sq8":                               # the stored codes: read from the mapping
+            assert not faiss.downcast_index(mapped.faiss.refine_index).codes.is_owned
+    assert str((path / "faiss.index").resolve()) in Path("/proc/self/maps").read_text()
 
 
 @pytest.mark.integration

@@ -44,18 +44,23 @@ from prvr.search.exact import SearchResult, as_queries, empty_result
 from prvr.search.index import RowPrefetcher, VideoIndex, advise_random
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
-           "rerank", "best_videos", "distinct_videos", "fused_rows", "stored_ann_fits"]
+           "rerank", "best_videos", "distinct_videos", "fused_rows", "stored_ann_fits", "read_faiss",
+           "MAP_ABOVE_BYTES"]
 
 
-# Stored faiss files above this size are memory-mapped, not read: their inverted lists and flat
-# re-score codes stay in the page cache (shared by every worker process serving the same index);
-# read into RAM, faiss took more than twice the file's size while loading (>20 GB for the 7.9 GB
-# file of a million videos with sq4 codes: results/million-sq4-wide.json).
+# Stored faiss files above this size are opened memory-mapped (IO_FLAG_MMAP_IFC): their flat
+# codes (re-score codes, flat / HNSW storage, plain IVF lists) stay in the page cache, shared by
+# every worker serving the same index, and are read from disk as queries first touch them; the
+# fast-scan lists are always copied into RAM. Read into RAM whole, faiss took more than twice the
+# file's size while loading (an unrecorded observation: the 7.9 GB million-video sq4 file was
+# killed for memory). IO_FLAG_MMAP on top of it fails for plain IVF lists ("mmap only supported
+# for File objects"), and its OnDiskInvertedLists cannot be cloned.
 MAP_ABOVE_BYTES = 1 << 30
 
 
-def _map_flags() -> int:
-    return faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC
+def read_faiss(path: str | Path, mapped: bool) -> Any:
+    """A stored faiss index, its flat codes memory-mapped when `mapped` (see MAP_ABOVE_BYTES)."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
 
 
 def ann_params(cfg: SearchConfig, n_vectors: int, alpha: float) -> dict[str, Any]:
@@ -350,7 +355,7 @@ class FaissSearch:
             f = index.path / stored["file"]
             if not f.is_file() or f.stat().st_size != stored.get("bytes"):
                 raise SearchIndexError(f"faiss index {f} is missing or truncated")
-            faiss_index = faiss.read_index(str(f), _map_flags() if stored["bytes"] > MAP_ABOVE_BYTES else 0)
+            faiss_index = read_faiss(f, stored["bytes"] > MAP_ABOVE_BYTES)
             self.params.update({k: stored[k] for k in ("nlist", "hnsw_m", "pq_m", "alpha") if k in stored})
         if faiss_index is None:
             faiss_index = train_and_add(index.clips, index.attended, self.params)
