@@ -551,6 +551,25 @@ def test_faiss_refine_codes_rescore_hits_in_faiss_and_follow_the_config(tmp_path
         search_cfg(backend="faiss", refine_codes="fp8")
 
 
+def test_dots_of_many_fp16_rows_are_exact_across_blocks(monkeypatch):
+    """The re-rank's q.x of fp16 rows, gathered DOT_ROWS at a time: every block within fp32
+    rounding of the float64 product of the same rows, whatever the block size."""
+    import prvr.search.ann as ann
+
+    rng = np.random.default_rng(0)
+    arr = rng.standard_normal((20000, 48)).astype(np.float16)
+    rows = np.sort(rng.choice(len(arr), 9001, replace=False))
+    q = torch.from_numpy(rng.standard_normal(48).astype(np.float32))
+    ref = arr[rows].astype(np.float64) @ q.numpy().astype(np.float64)
+    monkeypatch.setattr(ann, "DOT_ROWS", 1000)                       # ten blocks, the last one short
+    blocks = ann._dots(arr, rows, q)
+    monkeypatch.setattr(ann, "DOT_ROWS", 1 << 20)                    # one block
+    whole = ann._dots(arr, rows, q)
+    assert blocks.dtype == np.float32 and blocks.shape == (9001,)
+    np.testing.assert_allclose(blocks, ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(whole, ref, rtol=0, atol=1e-5)     # the kernel may sum in another order
+
+
 @pytest.mark.parametrize("index_type", ANN_INDEX_TYPES)
 def test_a_large_stored_faiss_file_is_mapped_and_searches_like_one_read_into_ram(index_type, tmp_path, monkeypatch):
     """Above MAP_ABOVE_BYTES a stored index of every type opens with its flat codes memory-mapped
