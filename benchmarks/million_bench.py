@@ -174,7 +174,6 @@ def read_mapped(path: Path) -> Any:
     fi = read_faiss(path, mapped=True)                    # prvr's loader above MAP_ABOVE_BYTES
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         while os.read(fd, 1 << 24):              # page cache; the mapping then faults them in
             pass
     finally:

@@ -219,9 +219,7 @@ def record_answer(ts) -> bytes:
 def floor(cfg, answer: bytes, tmp: Path, overrides: dict, n: int) -> dict:
     """TorchServe's own path: the same server settings, batch settings and client, through a
     handler that replays a recorded answer and does nothing else (ts_floor_handler.py)."""
-    import subprocess
-
-    from prvr.archive import model_config          # the batch size / delay the prvr archive gets
+    from prvr.archive import model_config, run_archiver   # the batch size / delay the prvr archive gets
     from prvr.client import Client
     from prvr.server import TorchServe
 
@@ -229,10 +227,8 @@ def floor(cfg, answer: bytes, tmp: Path, overrides: dict, n: int) -> dict:
     (work / "store").mkdir(parents=True)
     (work / "answer.json").write_bytes(answer)
     (work / "model-config.yaml").write_text(model_config(cfg))
-    subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", "prvr",
-                    "--version", "floor", "--handler", str(Path(__file__).with_name("ts_floor_handler.py")),
-                    "--extra-files", str(work / "answer.json"), "--config-file", str(work / "model-config.yaml"),
-                    "--export-path", str(work / "store"), "--force"], check=True, capture_output=True)
+    run_archiver("prvr", "floor", Path(__file__).with_name("ts_floor_handler.py"), work / "answer.json",
+                 work / "model-config.yaml", work / "store")
     lat = []
     with TorchServe(work / "ts", work / "store", {"prvr": "prvr.mar"}, overrides=overrides, free_ports=True) as ts:
         with Client(ts.inference_url, key=ts.keys()["inference"], retries=0) as api:

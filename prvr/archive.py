@@ -29,7 +29,7 @@ from prvr.search import VideoIndex
 from prvr.search.ann import build_faiss_into, stored_ann_fits
 from prvr.serving import check_index
 
-__all__ = ["build_archive", "model_config", "HANDLER", "DEFAULT_CONFIG", "LOG_CONFIG", "SERVING"]
+__all__ = ["build_archive", "model_config", "run_archiver", "HANDLER", "DEFAULT_CONFIG", "LOG_CONFIG", "SERVING"]
 
 _SOURCE_SERVING = Path(__file__).resolve().parent.parent / "serving"
 # A source checkout has serving/ next to prvr/; the container image keeps it in /app/serving.
@@ -68,6 +68,25 @@ def model_config(cfg: Config) -> str:
     return text
 
 
+def run_archiver(model_name: str, version: str, handler: Path, extra_files: Path, config_file: Path,
+                 export: Path, serialized: Path | None = None) -> Path:
+    """torch-model-archiver into the folder `export`: the .mar it wrote, or a PrvrError with its
+    output. It stages files in $TMPDIR/<model_name>: export's parent as a private TMPDIR keeps
+    concurrent builds apart."""
+    cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", model_name,
+           "--version", version, "--handler", str(handler), "--extra-files", str(extra_files),
+           "--config-file", str(config_file), "--export-path", str(export), "--archive-format", "default",
+           "--force"] + (["--serialized-file", str(serialized)] if serialized is not None else [])
+    if not Path(cmd[0]).exists():
+        cmd[0] = shutil.which("torch-model-archiver") or cmd[0]
+    proc = subprocess.run(cmd, env=dict(os.environ, TMPDIR=str(export.parent)), capture_output=True, text=True)
+    built = export / f"{model_name}.mar"
+    if proc.returncode != 0 or not built.is_file():
+        raise PrvrError(f"torch-model-archiver failed ({proc.returncode}): "
+                        f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return built
+
+
 def build_archive(checkpoint: str | Path, index_dir: str | Path, out_dir: str | Path, version: str,
                   model_name: str, cfg: Config) -> Path:
     """Write ``out_dir/<model_name>-<version>.mar``; returns its path (replaced atomically).
@@ -96,20 +115,7 @@ def build_archive(checkpoint: str | Path, index_dir: str | Path, out_dir: str | 
         shutil.copyfile(checkpoint, weights)
         export = tmp / "export"
         export.mkdir()
-        # The archiver stages files in $TMPDIR/<model_name>: a private TMPDIR keeps
-        # concurrent builds apart.
-        env = dict(os.environ, TMPDIR=str(tmp))
-        cmd = [str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", model_name,
-               "--version", version, "--serialized-file", str(weights), "--handler", str(HANDLER),
-               "--extra-files", str(bundle), "--config-file", str(tmp / "model-config.yaml"),
-               "--export-path", str(export), "--archive-format", "default", "--force"]
-        if not Path(cmd[0]).exists():
-            cmd[0] = shutil.which("torch-model-archiver") or cmd[0]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        built = export / f"{model_name}.mar"
-        if proc.returncode != 0 or not built.is_file():
-            raise PrvrError(f"torch-model-archiver failed ({proc.returncode}): "
-                            f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        built = run_archiver(model_name, version, HANDLER, bundle, tmp / "model-config.yaml", export, weights)
         staged = out_dir / f".{final.name}.tmp-{os.getpid()}"
         shutil.move(str(built), staged)
         os.replace(staged, final)
