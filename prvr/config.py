@@ -248,6 +248,7 @@ class SearchConfig(_Section):
     section: ClassVar[str] = "search"
     backend: Literal["exact", "faiss", "milvus"]
     screen: Literal["int8", "bf16", "fp32"]     # the exact engine's screen (prvr.search.screen)
+    fused_screen: Bool              # exact int8: + the fused vectors' screen (FusedScreen)
     dtype: Literal["float32", "float16"]
     index_type: IndexType
     nlist: PosInt

@@ -24,7 +24,8 @@ from prvr.search import ExactSearch, VideoIndex, build_index_from_embeddings, ma
 from prvr.search.ann import FaissSearch, ann_params, train_and_add
 from prvr.search import build as build_mod
 from prvr.search.exact import bf16_supported
-from prvr.search.screen import BF16_OUT_REL, Int8Screen
+from prvr.search import exact as exact_mod
+from prvr.search.screen import BF16_OUT_REL, FusedScreen, Int8Screen
 
 
 def _emb(N: int, K: int = 8, H: int = 32, seed: int = 0, dup: bool = True) -> VideoEmbeddings:
@@ -237,6 +238,8 @@ def test_exact_search_equals_the_pair_by_pair_reference(tmp_path, precision):
         check_against_reference(eng.search(q[i:i + 1], 10), tuple(r[i:i + 1] for r in ref), 0.7, 10)
     check_against_reference(eng.search(q[:3], 10), tuple(r[:3] for r in ref), 0.7, 10)
     check_against_reference(eng.search(q[0].numpy(), 5, alpha=0.3), one, 0.3, 5)    # ndarray (H,)
+    if precision == "int8":                         # the single queries took the fused screen
+        assert eng.stats["fused"] == len(q) + 3 and eng.stats["fused_misses"] == 0
     everything = eng.search(q, 10_000)                             # top_k clamps to N
     assert everything.video_idx.shape == (40, 700)
     assert (everything.video_idx.sort(1).values == torch.arange(700)).all()
@@ -357,11 +360,78 @@ def test_int8_screen_refuses_values_that_are_not_finite():
         screen.prepare(torch.tensor([[float("inf")] + [0.0] * 15]))
 
 
+def test_fused_screen_bounds_every_video_from_above(tmp_path):
+    """The fused screen's bound of a video is above its exact fused score (the fused value at
+    its key clip), on the rows int8 handles worst, and tight above the best fused value of
+    any of its clips for unit rows; for one query and a few."""
+    emb = _hostile_emb()
+    (N, K, H), chunk, alpha = emb.clips.shape, 256, 0.7
+    screen = FusedScreen(emb.clips.reshape(-1, H).numpy(), emb.attended.reshape(-1, H).numpy(), alpha, K, chunk)
+    for Q in (1, 4):
+        q = F.normalize(_queries(emb, Q), dim=-1)
+        c = torch.einsum("qh,nkh->qnk", q.double(), emb.clips.double())                   # (Q, N, K)
+        f = torch.einsum("qh,nkh->qnk", q.double(), emb.attended.double())
+        key = c.argmax(-1, keepdim=True)
+        exact = alpha * c.gather(2, key) + (1 - alpha) * f.gather(2, key)                  # (Q, N, 1)
+        best_z = (alpha * c + (1 - alpha) * f).amax(-1)                                    # (Q, N)
+        ub = torch.cat([screen.bounds(screen.prepare(q), i, min(i + chunk, N)) for i in range(0, N, chunk)], 1)
+        assert bool((ub.double() >= exact[..., 0]).all())
+        assert float((ub.double() - best_z)[:, 20:].max()) < 0.02                         # unit rows: tight
+
+
+def test_the_fused_screen_takes_few_queries_at_the_index_alpha_and_the_two_step_screen_the_rest(tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.setattr(exact_mod, "FUSED_ROWS", 1400)    # re-score rows: 4 x 42 x 8 in, 200 x 8 (k=100) out
+    emb = _emb(700, K=8, H=48)
+    index = VideoIndex.load(_write(emb, tmp_path / "idx"))
+    q = _queries(emb, 6)
+    ref = pair_scores(q, emb.clips, emb.attended)
+    eng = ExactSearch(index, video_chunk=128)
+    calls = [(q[:1], 10, 0.7, True), (q[:4], 10, 0.7, True), (q, 10, 0.7, False), (q[:1], 10, 0.3, False),
+             (q[:1], 60, 0.7, True), (q[:1], 100, 0.7, False)]
+    for queries, k, alpha, fused in calls:
+        before = eng.stats["fused"]
+        res = eng.search(queries, k, alpha=alpha)
+        assert eng.stats["fused"] - before == (len(queries) if fused else 0)
+        check_against_reference(res, tuple(r[:len(queries)] for r in ref), alpha, min(k, 700))
+    off = ExactSearch(index, video_chunk=128, fused=False)
+    check_against_reference(off.search(q[:1], 10), tuple(r[:1] for r in ref), 0.7, 10)
+    assert off.stats["fused"] == 0 and off._fused is None
+
+
+def test_a_bound_the_fused_screen_cannot_certify_falls_back_to_the_two_step_screen(tmp_path):
+    """Every video has a clip whose attended vector is the query (fused value 0.58) but whose
+    clip score (0.4) is not the video's best (0.5, frame 0): each video scores 0.35, below the
+    fused bound of all the others, so no top-k can be certified from it."""
+    N, K, H, alpha = 60, 4, 16, 0.7
+    g = torch.Generator().manual_seed(0)
+    e = torch.eye(H)
+    q = e[0]
+    noise = F.normalize(torch.randn(N, K, H, generator=g) * (torch.arange(H) >= 4), dim=-1)  # orthogonal to q
+    clips = noise.clone()
+    clips[:, 0] = 0.5 * e[0] + 0.75 ** 0.5 * e[1]                                     # q.c = 0.5, the key clip
+    clips[:, 1] = 0.4 * e[0] + 0.84 ** 0.5 * e[2]                                     # q.c = 0.4
+    clips[:, 2:] *= 0.1 + 0.2 * torch.rand(N, K - 2, 1, generator=g)                  # q.c = 0, distinct rows
+    clips[:, 2:] += 0.3 * torch.rand(N, 1, 1, generator=g) * e[3]
+    clips = F.normalize(clips, dim=-1)
+    attended = noise.clone()
+    attended[:, 1] = e[0]                                                              # q.a = 1
+    emb = VideoEmbeddings(clips, torch.zeros(N, K, 2, dtype=torch.long) + torch.tensor([0, 1]), attended)
+    index = VideoIndex.load(_write(emb, tmp_path / "idx", alpha=alpha))
+    eng = ExactSearch(index)
+    res = eng.search(q[None], 10)
+    assert eng.stats["fused"] == 1 and eng.stats["fused_misses"] == 1
+    check_against_reference(res, pair_scores(q[None], clips, attended), alpha, 10)
+    np.testing.assert_allclose(res.fused.numpy(), 0.35, atol=1e-5)
+
+
 def test_make_engine_screens_as_search_screen_says(tmp_path):
     index = VideoIndex.load(_write(_emb(20), tmp_path / "idx"))
     assert make_engine(index, search_cfg()).precision == "int8"                    # the default
     for screen in ("fp32", "int8"):
         assert make_engine(index, search_cfg(screen=screen)).precision == screen
+    assert make_engine(index, search_cfg())._fused is not None                       # the default
+    assert make_engine(index, search_cfg(fused_screen=False))._fused is None
     with pytest.raises(ValueError, match="screen"):
         search_cfg(screen="int4")
 

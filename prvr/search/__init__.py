@@ -30,7 +30,8 @@ BACKENDS = ("exact", "faiss", "milvus")
 
 def make_engine(index: VideoIndex, search_cfg: SearchConfig, **kwargs: Any) -> Any:
     """The engine named by search.backend; all have `.search(queries, top_k, alpha) -> SearchResult`."""
-    engines = {"exact": lambda: ExactSearch(index, **{"precision": search_cfg.screen, **kwargs}),
+    engines = {"exact": lambda: ExactSearch(index, **{"precision": search_cfg.screen,
+                                                      "fused": search_cfg.fused_screen, **kwargs}),
                "faiss": lambda: FaissSearch(index, search_cfg, **kwargs),
                "milvus": lambda: MilvusSearch(index, search_cfg, **kwargs)}
     if search_cfg.backend not in engines:

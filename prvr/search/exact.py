@@ -15,6 +15,12 @@ The top-k is certified: when the k-th exact fused score is >= the bound of the
 best video left out, no left-out video can enter the top-k. A query that fails
 the certificate (rare) is recomputed with the plain fp32 path, so results are
 always those of `score` + topk (up to fp32 rounding; order may differ on exact ties).
+
+A few queries at the index's alpha (a server's requests) take a shorter way with the
+int8 screen: a video's fused score is q.z at its key clip (z = alpha c + (1-alpha) a),
+so the largest screened q.z over its clips bounds it from above in one pass over an
+int8 copy of z (`FusedScreen`); the best videos by that bound are re-scored from all
+their clips, under the same certificate. A query it cannot certify takes the two steps.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 from prvr.metrics import ranks_from_scores
 from prvr.model import fuse, score
 from prvr.search.index import VideoIndex
-from prvr.search.screen import Bf16Screen, Int8Screen, _tensor, _view, bf16_supported
+from prvr.search.screen import Bf16Screen, FusedScreen, Int8Screen, _tensor, _view, bf16_supported
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ __all__ = ["SearchResult", "ExactSearch", "bf16_supported", "as_queries",
            "merge_topk", "empty_result", "PRECISIONS"]
 
 PRECISIONS = ("int8", "bf16", "fp32")         # search.screen
+FUSED_ROWS = 1 << 14      # most clip rows (queries x re-scored videos x K) the fused screen re-scores
 
 
 class SearchResult(NamedTuple):
@@ -69,6 +76,28 @@ def merge_topk(best: SearchResult, new: SearchResult, k: int) -> SearchResult:
     return SearchResult(*(t.gather(1, order) for t in cat))
 
 
+def _keep_best(best: tuple, new: tuple, keep: int) -> tuple:
+    """Running best `keep` along dim 1 by the first tensor (Q, n), sorted best first; the
+    others (Q, n, ...) follow it."""
+    cat = [torch.cat([a, b], 1) for a, b in zip(best, new)]
+    _, order = cat[0].topk(min(keep, cat[0].shape[1]), dim=1)
+    return tuple(t.gather(1, order.view(*order.shape, *[1] * (t.ndim - 2)).expand(-1, -1, *t.shape[2:]))
+                 for t in cat)
+
+
+def _top(cand: torch.Tensor, sc: torch.Tensor, fs: torch.Tensor, key: torch.Tensor, alpha: float,
+         k: int) -> SearchResult:
+    """The k best of re-scored candidates (Q, M) by their fused score."""
+    vals, o = fuse(sc, fs, alpha).topk(k, dim=1)
+    return SearchResult(cand.gather(1, o), vals, sc.gather(1, o), fs.gather(1, o), key.gather(1, o))
+
+
+def _video_rows(arr: np.ndarray, videos: torch.Tensor) -> torch.Tensor:
+    """All K rows of each video of a (N, K, H) (possibly memory-mapped, fp16) array as fp32
+    (n, K, H)."""
+    return _view(arr).index_select(0, videos).float()
+
+
 def _rows(arr: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     """Gather rows of a flat (R, H) (possibly memory-mapped, fp16) array as fp32 (sorted reads)."""
     if len(rows) == 0:
@@ -84,11 +113,12 @@ class ExactSearch:
 
     precision (search.screen): "int8" (int8 screen + certified fp32 re-scoring; in RAM 3 bytes
     per (clip, attended) value pair: the int8 clips, ONNX Runtime's pre-packed copy of them,
-    the int8 attended vectors), "bf16" (bf16 screen; 4 bytes per pair; fast only with native
-    bf16) or "fp32" (chunked fp32 products only, no copy)."""
+    the int8 attended vectors; with `fused` (search.fused_screen) 2 more, the fused vectors'
+    screen), "bf16" (bf16 screen; 4 bytes per pair; fast only with native bf16) or "fp32"
+    (chunked fp32 products only, no copy)."""
 
     def __init__(self, index: VideoIndex, video_chunk: int = 4096, precision: str = "int8",
-                 margin: int = 32, gather_queries: int = 4):
+                 margin: int = 32, gather_queries: int = 4, fused: bool = True):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {' | '.join(PRECISIONS)}, got {precision!r}")
         self.index = index
@@ -99,10 +129,14 @@ class ExactSearch:
         self._clips = index.clips.reshape(N * K, H)        # (N*K, H) views of the (mmap) arrays
         self._attended = index.attended.reshape(N * K, H)
         self.precision = precision
-        self.stats = {"queries": 0, "fallbacks": 0}
+        self.gather_queries = gather_queries
+        self.stats = {"queries": 0, "fallbacks": 0, "fused": 0, "fused_misses": 0}
         self._screen: Int8Screen | Bf16Screen | None = None
+        self._fused: FusedScreen | None = None
         if self.precision == "int8":
             self._screen = Int8Screen(self._clips, self._attended, K, video_chunk, gather_queries=gather_queries)
+            if fused:
+                self._fused = FusedScreen(self._clips, self._attended, index.alpha, K, video_chunk)
         elif self.precision == "bf16":
             if not bf16_supported():
                 logger.warning("search.screen bf16 on a CPU without native bf16: emulated, several times "
@@ -121,7 +155,19 @@ class ExactSearch:
         self.stats["queries"] += len(q)
         if self._screen is None:
             return self._search_fp32(q, k, alpha)
+        if self._takes_fused(len(q), k, alpha):
+            return self._search_fused(q, k, alpha)
         return self._search_screened(q, k, alpha)
+
+    def _takes_fused(self, Q: int, k: int, alpha: float) -> bool:
+        """The fused screen serves the index's alpha for a few queries: its re-score reads
+        every clip of each candidate (the two-step screen only the few that may be the key)."""
+        return (self._fused is not None and alpha == self._fused.alpha and Q <= self.gather_queries
+                and Q * self._budget(k) * self.K <= FUSED_ROWS)
+
+    def _budget(self, k: int) -> int:
+        """Videos re-scored exactly per query."""
+        return min(self.N, k + max(self.margin, k))
 
     @torch.no_grad()
     def truth_ranks(self, queries: torch.Tensor | np.ndarray, truth: np.ndarray, alpha: float | None = None,
@@ -158,31 +204,47 @@ class ExactSearch:
     # -- low-precision screening + certified fp32 re-scoring -----------------
     def _search_screened(self, q: torch.Tensor, k: int, alpha: float) -> SearchResult:
         K, Q = self.K, len(q)
-        M = min(self.N, k + max(self.margin, k))           # videos re-scored exactly
-        keep = min(self.N, M + 1)                           # + the best one left out (the bound)
+        M = self._budget(k)
         state = self._screen.prepare(q)
-        ub_val = torch.full((Q, 0), float("-inf"))
-        ub_idx = torch.zeros((Q, 0), dtype=torch.long)
-        near_sel = torch.zeros((Q, 0, K), dtype=torch.bool)
+        best = (torch.full((Q, 0), float("-inf")), torch.zeros((Q, 0), dtype=torch.long),
+                torch.zeros((Q, 0, K), dtype=torch.bool))
         for start in range(0, self.N, self.video_chunk):
             end = min(start + self.video_chunk, self.N)
             s, smax, err = self._screen.clips(state, start, end)     # (Q, n, K), (Q, n); |s - exact| <= err
             near = s >= (smax - 2 * err)[..., None]         # clips that may be the exact key clip
             ub = fuse(smax + err, self._screen.frame_ub(state, near, start), alpha)
-            v, i = ub.topk(min(keep, end - start), dim=1)
-            ub_val, ub_idx = torch.cat([ub_val, v], 1), torch.cat([ub_idx, i + start], 1)
-            near_sel = torch.cat([near_sel, near.gather(1, i[..., None].expand(-1, -1, K))], 1)
-            if ub_val.shape[1] > keep:
-                ub_val, o = ub_val.topk(keep, dim=1)
-                ub_idx, near_sel = ub_idx.gather(1, o), near_sel.gather(1, o[..., None].expand(-1, -1, K))
-        cand, near_c = ub_idx[:, :M], near_sel[:, :M]                                      # (Q, M)
-        bound = ub_val[:, M] if ub_val.shape[1] > M else torch.full((Q,), float("-inf"))
-        res = self._rescore(q, cand, near_c, alpha, k)
+            best = _keep_best(best, (ub, torch.arange(start, end).expand(Q, -1), near), M + 1)
+        return self._certified(q, k, alpha, best, self._search_fp32, "fallbacks")
+
+    def _search_fused(self, q: torch.Tensor, k: int, alpha: float) -> SearchResult:
+        """One pass over the fused vectors bounds every video; the best are re-scored from
+        all their clips. A query the bound cannot certify takes the two-step screen."""
+        K, Q = self.K, len(q)
+        state = self._fused.prepare(q)
+        best = (torch.full((Q, 0), float("-inf")), torch.zeros((Q, 0), dtype=torch.long))
+        for start in range(0, self.N, self.video_chunk):
+            end = min(start + self.video_chunk, self.N)
+            best = _keep_best(best, (self._fused.bounds(state, start, end), torch.arange(start, end).expand(Q, -1)),
+                              self._budget(k) + 1)
+        self.stats["fused"] += Q
+        return self._certified(q, k, alpha, (*best, None), self._search_screened, "fused_misses")
+
+    def _certified(self, q: torch.Tensor, k: int, alpha: float, best: tuple, fallback, counter: str
+                   ) -> SearchResult:
+        """Exact re-score of the M best videos by their bound (best: bounds (Q, M+1) sorted,
+        videos, the clips that may be the key (Q, M+1, K) or None for all of them); a query
+        whose k-th exact score is below the bound of the best video left out is answered by
+        `fallback` instead."""
+        M = self._budget(k)
+        ub_val, ub_idx, near = best
+        bound = ub_val[:, M] if ub_val.shape[1] > M else torch.full((len(q),), float("-inf"))
+        res = self._rescore(q, ub_idx[:, :M], near[:, :M], alpha, k) if near is not None \
+            else self._rescore_videos(q, ub_idx[:, :M], alpha, k)
         ok = res.fused[:, -1] >= bound                      # certificate per query
         if not bool(ok.all()):
             bad = (~ok).nonzero().squeeze(1)
-            self.stats["fallbacks"] += len(bad)
-            fix = self._search_fp32(q[bad], k, alpha)
+            self.stats[counter] += len(bad)
+            fix = fallback(q[bad], k, alpha)
             res = SearchResult(*(r.index_copy(0, bad, fx) for r, fx in zip(res, fix)))
         return res
 
@@ -198,6 +260,13 @@ class ExactSearch:
         sc, key = S.max(-1)                                                                # (Q, M)
         av = _rows(self._attended, (cand * K + key).reshape(-1).numpy()).view(Q, M, -1)    # (Q, M, H)
         fs = (av * q[:, None, :]).sum(-1)                                                  # (Q, M)
-        fused = fuse(sc, fs, alpha)
-        vals, o = fused.topk(k, dim=1)
-        return SearchResult(cand.gather(1, o), vals, sc.gather(1, o), fs.gather(1, o), key.gather(1, o))
+        return _top(cand, sc, fs, key, alpha, k)
+
+    def _rescore_videos(self, q: torch.Tensor, cand: torch.Tensor, alpha: float, k: int) -> SearchResult:
+        """Exact fp32 fused scores of candidate videos (Q, M) from all K clips of each."""
+        (Q, M), H = cand.shape, self.H
+        c = _video_rows(self.index.clips, cand.reshape(-1)).view(Q, M * self.K, H)
+        sc, key = torch.bmm(c, q[:, :, None]).view(Q, M, self.K).max(-1)                  # (Q, M)
+        av = _rows(self._attended, (cand * self.K + key).reshape(-1).numpy()).view(Q, M, H)
+        fs = torch.bmm(av, q[:, :, None]).squeeze(-1)                                    # (Q, M)
+        return _top(cand, sc, fs, key, alpha, k)

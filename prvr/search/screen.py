@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["Bf16Screen", "Int8Screen", "BF16_OUT_REL", "bf16_supported"]
+__all__ = ["Bf16Screen", "Int8Screen", "FusedScreen", "BF16_OUT_REL", "bf16_supported"]
 
 # Error of a bf16 product q~.c~ against the fp32 q.c (Cauchy-Schwarz, no cancellation assumed):
 #   |q~.c~ - q.c| <= ||q~ - q|| ||c~|| + ||q|| ||c~ - c||  (input rounding, measured exactly)
@@ -167,14 +167,18 @@ def _quantize(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(x / s), -top, top), s
 
 
-def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13, mix: tuple[np.ndarray, float] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Stored rows: q (R, H) int8, scale (R,) fp32, the residual norm ||x - scale q|| per row
-    (rounded up) and max ||x|| (in float64)."""
+    (rounded up) and max ||x|| (in float64). With mix = (other, alpha) the rows are
+    x = alpha arr + (1 - alpha) other, formed in float64."""
     R, H = arr.shape
     q, scale, resid = np.empty((R, H), np.int8), np.empty(R, np.float32), np.empty(R, np.float32)
     norm = 0.0
     for i in range(0, R, rows):
         x = np.asarray(arr[i:i + rows], np.float64)
+        if mix is not None:
+            x = mix[1] * x + (1 - mix[1]) * np.asarray(mix[0][i:i + rows], np.float64)
         if not np.isfinite(x).all():
             raise ValueError(f"rows {i}..{i + len(x) - 1} hold a value that is not finite (NaN or inf): "
                              "an index to screen must be finite")
@@ -270,6 +274,40 @@ def _check_exact_products(threads: int, H: int = 256) -> None:
                            "screen's bound would not hold: set search.screen to bf16 or fp32")
 
 
+def _prepare_queries(q: torch.Tensor) -> dict:
+    """Each query as two 7-bit rows, q = s1 q1 + s2 q2 + d, for one pass over stored rows."""
+    x = q.numpy().astype(np.float64)                                                      # (Q, H)
+    if not np.isfinite(x).all():
+        raise ValueError("a query vector holds a value that is not finite (NaN or inf)")
+    q1, s1 = _quantize(x, QUERY_MAX)
+    q2, s2 = _quantize(x - s1 * q1, QUERY_MAX)
+    d = np.linalg.norm(x - s1 * q1 - s2 * q2, axis=1) * 1.001                             # ||d||
+    qn = np.linalg.norm(s1 * q1 + s2 * q2, axis=1) * 1.001                                # ||q~||
+    pairs = np.stack([q1, q2], 1).reshape(2 * len(x), x.shape[1])                         # (2Q, H)
+    return {"Q": len(x), "a": (pairs + QUERY_ZERO).astype(np.uint8),
+            "b": np.ascontiguousarray(pairs.T.astype(np.int8)),
+            "s": np.concatenate([s1, s2], 1).astype(np.float32), "qn": torch.from_numpy(qn).float(),
+            "d": torch.from_numpy(d).float()}
+
+
+def _int8_err(state: dict, resid: torch.Tensor, norm: float, qi: torch.Tensor | None = None) -> torch.Tensor:
+    """The bound on screened scores of rows with residual norms `resid`: (Q, R) for every
+    query, or (R,) for row i and query qi[i]. The rounding term scales with |score|."""
+    if qi is None:
+        qn, d = state["qn"][:, None], state["d"][:, None]
+    else:
+        qn, d = state["qn"][qi], state["d"][qi]
+    return qn * resid + d * norm + _INT8_ROUNDING * qn * max(1.0, norm)
+
+
+def _packed_sessions(q: np.ndarray, scale: np.ndarray, rows: int, threads: int
+                     ) -> tuple[list[np.ndarray], list[ort.InferenceSession]]:
+    """One pre-packed session per `rows` stored rows (int8 q (R, H), scale (R,)); the
+    transposed int8 copies they read must stay alive with them."""
+    weights = [np.ascontiguousarray(q[i:i + rows].T) for i in range(0, len(q), rows)]     # (H, rows)
+    return weights, [_weights_session(w, scale[i * rows:(i + 1) * rows], threads) for i, w in enumerate(weights)]
+
+
 class Int8Screen:
     """int8 copies of both arrays (x ~ s_r q_r per row) and exact integer products.
 
@@ -288,43 +326,20 @@ class Int8Screen:
         _check_exact_products(threads)
         cq, cs, cr, self.c_norm = _quantize_rows(clips)
         self.c_resid = torch.from_numpy(cr).view(-1, K).amax(1)                            # (N,)
-        rows = video_chunk * K
-        self.weights = [np.ascontiguousarray(cq[i:i + rows].T) for i in range(0, len(cq), rows)]  # (H, rows)
-        self.sessions = [_weights_session(w, cs[i * rows:(i + 1) * rows], threads)   # pre-packed: read once
-                         for i, w in enumerate(self.weights)]
+        self.weights, self.sessions = _packed_sessions(cq, cs, video_chunk * K, threads)
         aq, a_scale, a_resid, self.a_norm = _quantize_rows(attended)
         self.a_u8 = torch.from_numpy(aq.view(np.uint8) ^ np.uint8(0x80))          # q + 128 (N*K, H)
         self.a_table = torch.from_numpy(np.stack([a_scale, a_resid], 1))           # (N*K, 2) per row
         self.rows_session = _rows_session(threads)
 
     def prepare(self, q: torch.Tensor) -> dict:
-        x = q.numpy().astype(np.float64)                                                  # (Q, H)
-        if not np.isfinite(x).all():
-            raise ValueError("a query vector holds a value that is not finite (NaN or inf)")
-        q1, s1 = _quantize(x, QUERY_MAX)
-        q2, s2 = _quantize(x - s1 * q1, QUERY_MAX)
-        d = np.linalg.norm(x - s1 * q1 - s2 * q2, axis=1) * 1.001                         # ||d||
-        qn = np.linalg.norm(s1 * q1 + s2 * q2, axis=1) * 1.001                            # ||q~||
-        pairs = np.stack([q1, q2], 1).reshape(2 * len(x), self.H)                         # (2Q, H)
-        return {"Q": len(x), "a": (pairs + QUERY_ZERO).astype(np.uint8),
-                "b": np.ascontiguousarray(pairs.T.astype(np.int8)),
-                "s": np.concatenate([s1, s2], 1).astype(np.float32), "qn": torch.from_numpy(qn).float(),
-                "d": torch.from_numpy(d).float()}
-
-    def _err(self, state: dict, resid: torch.Tensor, norm: float, qi: torch.Tensor | None = None) -> torch.Tensor:
-        """The bound on screened scores of rows with residual norms `resid`: (Q, R) for every
-        query, or (R,) for row i and query qi[i]. The rounding term scales with |score|."""
-        if qi is None:
-            qn, d = state["qn"][:, None], state["d"][:, None]
-        else:
-            qn, d = state["qn"][qi], state["d"][qi]
-        return qn * resid + d * norm + _INT8_ROUNDING * qn * max(1.0, norm)
+        return _prepare_queries(q)
 
     def clips(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         K, Q = self.K, state["Q"]
         session = self.sessions[start // self.video_chunk]
         s = torch.from_numpy(session.run(None, {"A": state["a"], "s": state["s"]})[0]).view(Q, end - start, K)
-        return s, s.amax(-1), self._err(state, self.c_resid[start:end], self.c_norm)          # err (Q, n)
+        return s, s.amax(-1), _int8_err(state, self.c_resid[start:end], self.c_norm)          # err (Q, n)
 
     def frame_ub(self, state: dict, near: torch.Tensor, start: int) -> torch.Tensor:
         """Few queries: only the near clips' attended rows (a few per video), each row once for
@@ -333,7 +348,7 @@ class Int8Screen:
         if Q > self.gather_queries:
             rows = torch.arange(start * K, (start + n) * K)
             y = self._rows_product(state, rows, contiguous=True).T                       # (Q, n*K)
-            ub = y * self.a_table[rows, 0] + self._err(state, self.a_table[rows, 1], self.a_norm)
+            ub = y * self.a_table[rows, 0] + _int8_err(state, self.a_table[rows, 1], self.a_norm)
             return torch.where(near, ub.view(Q, n, K), float("-inf")).amax(-1)
         qi, vi, rows = _near_rows(near, start)
         if Q == 1:                                                   # rows are distinct already
@@ -342,10 +357,40 @@ class Int8Screen:
             uniq, where = torch.unique(rows, return_inverse=True)
             y = self._rows_product(state, uniq)[where, qi]                                # (R,)
         table = self.a_table[rows]                                                        # (R, 2)
-        err = self._err(state, table[:, 1], self.a_norm, qi)
+        err = _int8_err(state, table[:, 1], self.a_norm, qi)
         return _video_max(torch.addcmul(err, y, table[:, 0]), qi, vi, Q, n)
 
     def _rows_product(self, state: dict, rows: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
         """(s1 q1 + s2 q2) . q_r of the attended rows, before their scale: (R, Q) fp32."""
         a = self.a_u8[rows[0]:rows[-1] + 1] if contiguous else self.a_u8.index_select(0, rows)
         return torch.from_numpy(self.rows_session.run(None, {"A": a.numpy(), "B": state["b"], "s": state["s"]})[0])
+
+
+class FusedScreen:
+    """int8 copy of the fused clip vectors z = alpha c + (1 - alpha) a at one alpha (the index's).
+
+    A video's fused score is q.z at its key clip, so its largest screened q.z plus the int8
+    bound is an upper bound of it: one pass over the z rows bounds every video, without
+    the clip screen's second step (the frame products at the clips that may be the key
+    clip). The bound is tight where few videos own a clip pointing at the query; where it is
+    not, the caller's certificate fails and it takes the two-step screen. 2 bytes per value
+    (the int8 rows and ONNX Runtime's pre-packed copy)."""
+
+    def __init__(self, clips: np.ndarray, attended: np.ndarray, alpha: float, K: int, video_chunk: int,
+                 threads: int | None = None):
+        self.alpha, self.K, self.video_chunk = float(alpha), K, video_chunk
+        threads = threads or torch.get_num_threads()
+        _check_exact_products(threads)
+        zq, zs, zr, self.norm = _quantize_rows(clips, mix=(attended, self.alpha))
+        self.resid = torch.from_numpy(zr).view(-1, K).amax(1)                               # (N,)
+        self.weights, self.sessions = _packed_sessions(zq, zs, video_chunk * K, threads)
+
+    def prepare(self, q: torch.Tensor) -> dict:
+        return _prepare_queries(q)
+
+    def bounds(self, state: dict, start: int, end: int) -> torch.Tensor:
+        """Upper bounds (Q, n) on the exact fused scores of videos start..end."""
+        K, Q = self.K, state["Q"]
+        session = self.sessions[start // self.video_chunk]
+        s = torch.from_numpy(session.run(None, {"A": state["a"], "s": state["s"]})[0]).view(Q, end - start, K)
+        return s.amax(-1) + _int8_err(state, self.resid[start:end], self.norm)
