@@ -8,8 +8,11 @@ sizes; an ANN engine's recall depends on the structure. The model is a real MS-S
 checkpoint (``--checkpoint``; default a randomly initialised one with MiniLM text dims),
 and queries go through the real MiniLM text encoder.
 
-Each configuration's REST run is followed by the floor: the same TorchServe settings, batch
-settings and client through a handler that replays an answer recorded from the model
+REST latency is taken one request at a time with a keep-alive connection of Python's
+http.client (the server's time, as a load tool sees it), each request followed by one from
+prvr.client (on requests, which adds its own per-request work): both are reported. Each
+configuration's REST run is followed by the floor: the same TorchServe settings, batch
+settings and clients through a handler that replays an answer recorded from the model
 (ts_floor_handler.py), i.e. what TorchServe's own path costs for an answer of that size.
 
 `--configs` names the configurations measured one after the other (CONFIGS: `default`, what
@@ -168,20 +171,70 @@ def worker_means(ts) -> dict:
     return {f"{stage}_ms": 100 * s / c for stage, (s, c) in sums.items() if c}
 
 
+class PlainHttp:
+    """One keep-alive connection of the standard library's http.client: REST time without a
+    client library's own per-request work (prvr.client, on requests, adds most of a millisecond)."""
+
+    def __init__(self, url: str, key: str):
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+
+    def search(self, query: str, top_k: int) -> tuple[float, dict[str, float]]:
+        """Round-trip ms (request sent to the last byte read) and the worker's Server-Timing stages."""
+        import json
+
+        from prvr.client import parse_server_timing
+
+        body = json.dumps({"query": query, "top_k": top_k})
+        t0 = time.perf_counter()
+        self.conn.request("POST", "/predictions/prvr", body, self.headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        ms = 1e3 * (time.perf_counter() - t0)
+        if resp.status != 200 or len(json.loads(data)["results"][0]["videos"]) != top_k:
+            raise SystemExit(f"REST answer {resp.status}: {data[:200]!r}")
+        return ms, parse_server_timing(resp.getheader("Server-Timing"))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def sequential(ts, n: int) -> dict:
+    """n requests one at a time, each sent by both clients in turn (so the machine's drift hits
+    both alike): the plain HTTP client's round trip, prvr.client's, the worker's stages."""
+    from prvr.client import Client
+
+    key = ts.keys()["inference"]
+    lat: dict[str, list[float]] = {"plain": [], "prvr_client": []}
+    stages: dict[str, list[float]] = {}
+    plain = PlainHttp(ts.inference_url, key)
+    # retries=0: a refused request must count as an error here, not be hidden by a retry
+    with Client(ts.inference_url, key=key, retries=0) as api:
+        for i in range(n + 5):
+            ms, timing = plain.search(QUERIES[i % len(QUERIES)] + f" {i}", 10)
+            answer = api.search(QUERIES[(i + 3) % len(QUERIES)] + f" {i}", top_k=10)
+            if i >= 5:
+                lat["plain"].append(ms)
+                lat["prvr_client"].append(answer.timing.round_trip_ms)
+                for stage, dur in timing.items():                   # the worker's own (Server-Timing)
+                    stages.setdefault(stage, []).append(dur)
+    plain.close()
+    out = {f"{name}_{q}_ms": f(v) for name, v in lat.items()
+           for q, f in (("p50", statistics.median), ("p99", lambda x: pct(x, 99)), ("mean", statistics.mean))}
+    return {"requests": n, "p50_ms": out["plain_p50_ms"], "p99_ms": out["plain_p99_ms"], **out,
+            "inside_worker_ms": {k: {"p50": statistics.median(v), "p99": pct(v, 99)} for k, v in stages.items()}}
+
+
 def rest(ts, n: int, clients: int, per_client: int) -> dict:
     from prvr.client import ApiError, Client
 
     key = ts.keys()["inference"]
-    lat, stages = [], {}
-    # retries=0: a refused request must count as an error here, not be hidden by a retry
-    with Client(ts.inference_url, key=key, retries=0) as api:
-        for i in range(n + 5):
-            answer = api.search(QUERIES[i % len(QUERIES)] + f" {i}", top_k=10)
-            if i >= 5:
-                lat.append(answer.timing.round_trip_ms / 1e3)
-                for stage, dur in answer.timing.stages_ms.items():    # the worker's own (Server-Timing)
-                    stages.setdefault(stage, []).append(dur)
-    inside = worker_means(ts)
+    seq = sequential(ts, n)
+    seq["inside_worker_mean"] = worker_means(ts)
 
     def client(c: int) -> list[int]:
         codes = []
@@ -198,10 +251,7 @@ def rest(ts, n: int, clients: int, per_client: int) -> dict:
     with ThreadPoolExecutor(clients) as pool:
         codes = [c for cs in pool.map(client, range(clients)) for c in cs]
     elapsed = time.perf_counter() - t0
-    return {"sequential": {"requests": n, "p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * pct(lat, 99),
-                           "mean_ms": 1e3 * statistics.mean(lat), "inside_worker_mean": inside,
-                           "inside_worker_ms": {k: {"p50": statistics.median(v), "p99": pct(v, 99)}
-                                                for k, v in stages.items()}},
+    return {"sequential": seq,
             "concurrent": {"clients": clients, "requests": len(codes), "errors": sum(c != 200 for c in codes),
                            "seconds": elapsed, "throughput_rps": len(codes) / elapsed}}
 
@@ -217,10 +267,9 @@ def record_answer(ts) -> bytes:
 
 
 def floor(cfg, answer: bytes, tmp: Path, overrides: dict, n: int) -> dict:
-    """TorchServe's own path: the same server settings, batch settings and client, through a
+    """TorchServe's own path: the same server settings, batch settings and clients, through a
     handler that replays a recorded answer and does nothing else (ts_floor_handler.py)."""
     from prvr.archive import model_config, run_archiver   # the batch size / delay the prvr archive gets
-    from prvr.client import Client
     from prvr.server import TorchServe
 
     work = tmp / "floor"
@@ -229,23 +278,20 @@ def floor(cfg, answer: bytes, tmp: Path, overrides: dict, n: int) -> dict:
     (work / "model-config.yaml").write_text(model_config(cfg))
     run_archiver("prvr", "floor", Path(__file__).with_name("ts_floor_handler.py"), work / "answer.json",
                  work / "model-config.yaml", work / "store")
-    lat = []
     with TorchServe(work / "ts", work / "store", {"prvr": "prvr.mar"}, overrides=overrides, free_ports=True) as ts:
-        with Client(ts.inference_url, key=ts.keys()["inference"], retries=0) as api:
-            for i in range(n + 5):
-                answer_ = api.search(QUERIES[i % len(QUERIES)] + f" {i}", top_k=10)
-                if i >= 5:
-                    lat.append(answer_.timing.round_trip_ms)
-    return {"requests": n, "answer_bytes": len(answer), "p50_ms": statistics.median(lat), "p99_ms": pct(lat, 99)}
+        seq = sequential(ts, n)
+    return {"answer_bytes": len(answer), **{k: v for k, v in seq.items() if k != "inside_worker_ms"}}
 
 
 # What each named configuration changes over params.yaml (+ --set). `default` is what
 # `prvr serve` runs; `fp32-text` the text encoder's float32 weights instead of int8 ones
 # (another encoder by name: a model trained with it; top-10 agreement in text_bench.py);
 # `batch-1` / `batch-4` answer each request alone / let it wait up to
-# serve.max_batch_delay_ms for batch mates; `bf16-screen` the exact engine's bf16 screen
-# instead of the int8 one (search.screen).
+# serve.max_batch_delay_ms for batch mates; `2-threads` two PyTorch / screen threads per
+# worker; `bf16-screen` the exact engine's bf16 screen instead of the int8 one (search.screen);
+# `two-step-screen` the int8 screen without the fused one (search.fused_screen).
 CONFIGS = {"default": [], "fp32-text": ["text.quantize=none"], "bf16-screen": ["search.screen=bf16"],
+           "two-step-screen": ["search.fused_screen=false"], "2-threads": ["serve.threads=2"],
            "batch-1": ["serve.batch_size=1"], "batch-4": ["serve.batch_size=4"]}
 
 
@@ -269,7 +315,8 @@ def measure(cfg, args, tmp: Path) -> dict:
     retriever = Retriever.load(ckpt, index, "bench", encoder=encoder, search_cfg=cfg.search)
     result = {"videos": args.videos, "corpus": args.corpus, "torch_threads": torch.get_num_threads(),
               "text_encoder": encoder.name, "text_runtime": cfg.text.runtime, "text_quantize": cfg.text.quantize,
-              "backend": cfg.search.backend, "screen": cfg.search.screen, "serve_batch_size": cfg.serve.batch_size,
+              "backend": cfg.search.backend, "screen": cfg.search.screen, "fused_screen": cfg.search.fused_screen,
+              "serve_batch_size": cfg.serve.batch_size,
               "max_batch_delay_ms": cfg.serve.max_batch_delay_ms,
               "load_avg_at_start": list(os.getloadavg()),
               "in_process": in_process(retriever, args.requests),
@@ -307,11 +354,14 @@ def report(name: str, result: dict) -> None:
     if "rest" in result:
         s, c = result["rest"]["sequential"], result["rest"]["concurrent"]
         print(f"{'REST single text query, end to end':44}{s['p50_ms']:>10.2f}{s['p99_ms']:>10.2f}")
+        print(f"{'  the same sent with prvr.client':44}{s['prvr_client_p50_ms']:>10.2f}{s['prvr_client_p99_ms']:>10.2f}")
         for stage in ("encode", "score"):
             v = s["inside_worker_ms"][stage]
             print(f"{'  inside the worker (Server-Timing): ' + stage:44}{v['p50']:>10.2f}{v['p99']:>10.2f}")
         f = result["rest"]["floor"]
         print(f"{'  TorchServe alone (replayed answer)':44}{f['p50_ms']:>10.2f}{f['p99_ms']:>10.2f}")
+        print(f"{'  TorchServe alone, with prvr.client':44}{f['prvr_client_p50_ms']:>10.2f}"
+              f"{f['prvr_client_p99_ms']:>10.2f}")
         print(f"REST throughput: {c['throughput_rps']:.1f} req/s with {c['clients']} clients "
               f"({c['requests']} requests, {c['errors']} errors)")
 
@@ -332,12 +382,17 @@ def markdown(results_by_config: dict[str, dict]) -> str:
 
     ms = lambda v: f"{v['p50']:.2f} / {v['p99']:.2f}"  # noqa: E731
     row("text encoder", lambda r: f"{r['text_runtime']} {r['text_quantize']}")
-    row("engine (screen); worker batch size",
-        lambda r: f"{r['backend']} ({r.get('screen', 'bf16')}); {r['serve_batch_size']}")
+    row("engine (screen); worker batch size; threads",
+        lambda r: f"{r['backend']} ({r['screen']}{' + fused' if r['fused_screen'] and r['screen'] == 'int8' else ''}); "
+                  f"{r['serve_batch_size']}; {r['torch_threads']}")
     row("REST end to end, 1 typed query, p50 / p99 ms",
         lambda r: f"{r['rest']['sequential']['p50_ms']:.2f} / {r['rest']['sequential']['p99_ms']:.2f}")
+    row("the same sent with prvr.client, p50 / p99 ms", lambda r: f"{r['rest']['sequential']['prvr_client_p50_ms']:.2f}"
+        f" / {r['rest']['sequential']['prvr_client_p99_ms']:.2f}")
     row("TorchServe alone: the same request, a handler replaying a recorded answer, p50 / p99 ms",
         lambda r: f"{r['rest']['floor']['p50_ms']:.2f} / {r['rest']['floor']['p99_ms']:.2f}")
+    row("TorchServe alone, with prvr.client, p50 / p99 ms", lambda r: f"{r['rest']['floor']['prvr_client_p50_ms']:.2f}"
+        f" / {r['rest']['floor']['prvr_client_p99_ms']:.2f}")
     row("in the worker: encode (text + query), p50 / p99 ms", lambda r: ms(r["rest"]["sequential"]["inside_worker_ms"]["encode"]))
     row("in the worker: score, p50 / p99 ms", lambda r: ms(r["rest"]["sequential"]["inside_worker_ms"]["score"]))
     row("in process: text encoding, p50 / p99 ms", lambda r: ms(r["in_process"]["text_encoding_ms"]))
@@ -349,10 +404,13 @@ def markdown(results_by_config: dict[str, dict]) -> str:
     row("REST throughput, 4 clients, req/s (errors)",
         lambda r: f"{r['rest']['concurrent']['throughput_rps']:.1f} ({r['rest']['concurrent']['errors']})")
     first = results_by_config[names[0]]
-    head = [f"| {first['videos']:,} videos x 32 clips, torch threads {first['torch_threads']} | "
+    head = [f"| {first['videos']:,} videos x 32 clips | "
             + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     return "\n".join(head + rows) + (
-        "\n\nThe exact engine certifies its top-10 (the ranking `prvr evaluate` computes, "
+        "\n\nREST: one request at a time from a keep-alive connection of Python's http.client "
+        "(sent to the last byte read); each request is followed by one from prvr.client (requests), "
+        "whose own work per request is the difference. "
+        "The exact engine certifies its top-10 (the ranking `prvr evaluate` computes, "
         "tests/test_serving.py); a random-weight model over search_bench's structured corpus.")
 
 
