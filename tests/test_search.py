@@ -25,7 +25,7 @@ from prvr.search.ann import FaissSearch, ann_params, train_and_add
 from prvr.search import build as build_mod
 from prvr.search.exact import bf16_supported
 from prvr.search import exact as exact_mod
-from prvr.search.screen import BF16_OUT_REL, FusedScreen, Int8Screen
+from prvr.search.screen import BF16_OUT_REL, FusedScreen, Int8Screen, _int8_err, _quantize_rows
 
 
 def _emb(N: int, K: int = 8, H: int = 32, seed: int = 0, dup: bool = True) -> VideoEmbeddings:
@@ -361,22 +361,32 @@ def test_int8_screen_refuses_values_that_are_not_finite():
 
 
 def test_fused_screen_bounds_every_video_from_above(tmp_path):
-    """The fused screen's bound of a video is above its exact fused score (the fused value at
-    its key clip), on the rows int8 handles worst, and tight above the best fused value of
-    any of its clips for unit rows; for one query and a few."""
+    """The fused screen's bound of a video is above the best fused value of its clips (so
+    above its exact fused score), on the rows int8 handles worst, for queries of all kinds
+    and for queries aimed along the worst rows' quantization residuals, where the screening
+    error uses most of the bound (so a looser-than-needed formula would not pass unseen);
+    tight for unit rows."""
     emb = _hostile_emb()
     (N, K, H), chunk, alpha = emb.clips.shape, 256, 0.7
-    screen = FusedScreen(emb.clips.reshape(-1, H).numpy(), emb.attended.reshape(-1, H).numpy(), alpha, K, chunk)
-    for Q in (1, 4):
-        q = F.normalize(_queries(emb, Q), dim=-1)
-        c = torch.einsum("qh,nkh->qnk", q.double(), emb.clips.double())                   # (Q, N, K)
-        f = torch.einsum("qh,nkh->qnk", q.double(), emb.attended.double())
-        key = c.argmax(-1, keepdim=True)
-        exact = alpha * c.gather(2, key) + (1 - alpha) * f.gather(2, key)                  # (Q, N, 1)
-        best_z = (alpha * c + (1 - alpha) * f).amax(-1)                                    # (Q, N)
-        ub = torch.cat([screen.bounds(screen.prepare(q), i, min(i + chunk, N)) for i in range(0, N, chunk)], 1)
-        assert bool((ub.double() >= exact[..., 0]).all())
-        assert float((ub.double() - best_z)[:, 20:].max()) < 0.02                         # unit rows: tight
+    c, a = emb.clips.reshape(-1, H).numpy(), emb.attended.reshape(-1, H).numpy()
+    screen = FusedScreen(c, a, alpha, K, chunk)
+    z = alpha * c.astype(np.float64) + (1 - alpha) * a.astype(np.float64)                 # (N*K, H)
+    zq, zs, _, _ = _quantize_rows(c, mix=(a, alpha))
+    resid = z - zs[:, None].astype(np.float64) * zq                                       # what int8 leaves
+    worst = np.argsort(-np.linalg.norm(resid, axis=1))[:4]                                # rows
+    aimed = F.normalize(torch.from_numpy(resid[worst] / np.linalg.norm(resid[worst], axis=1, keepdims=True)
+                                         + 0.05 * z[worst] / np.linalg.norm(z[worst], axis=1, keepdims=True)
+                                         ).float(), dim=-1)
+    for q in (F.normalize(_queries(emb, 1), dim=-1), F.normalize(_queries(emb, 4), dim=-1), aimed):
+        state = screen.prepare(q)
+        ub = torch.cat([screen.bounds(state, i, min(i + chunk, N)) for i in range(0, N, chunk)], 1).double()
+        err = _int8_err(state, screen.resid, screen.norm).double()                        # (Q, N)
+        best_z = (q.double() @ torch.from_numpy(z).T).view(len(q), N, K).amax(-1)         # (Q, N)
+        assert bool((ub >= best_z).all())
+        if q is not aimed:
+            assert float((ub - best_z)[:, 20:].max()) < 0.02                              # unit rows: tight
+    used = (best_z - (ub - err)) / err                     # screening error at the aimed videos / bound
+    assert float(used[torch.arange(4), torch.from_numpy(worst // K)].max()) > 0.5
 
 
 def test_the_fused_screen_takes_few_queries_at_the_index_alpha_and_the_two_step_screen_the_rest(tmp_path,
@@ -394,35 +404,74 @@ def test_the_fused_screen_takes_few_queries_at_the_index_alpha_and_the_two_step_
         res = eng.search(queries, k, alpha=alpha)
         assert eng.stats["fused"] - before == (len(queries) if fused else 0)
         check_against_reference(res, tuple(r[:len(queries)] for r in ref), alpha, min(k, 700))
+    assert eng.stats["fused_misses"] == 0                   # every fused call certified its top-k
     off = ExactSearch(index, video_chunk=128, fused=False)
     check_against_reference(off.search(q[:1], 10), tuple(r[:1] for r in ref), 0.7, 10)
     assert off.stats["fused"] == 0 and off._fused is None
 
 
-def test_a_bound_the_fused_screen_cannot_certify_falls_back_to_the_two_step_screen(tmp_path):
-    """Every video has a clip whose attended vector is the query (fused value 0.58) but whose
-    clip score (0.4) is not the video's best (0.5, frame 0): each video scores 0.35, below the
-    fused bound of all the others, so no top-k can be certified from it."""
-    N, K, H, alpha = 60, 4, 16, 0.7
+def test_a_bound_the_fused_screen_cannot_certify_falls_back_to_the_two_step_screen(tmp_path, monkeypatch):
+    """60 videos have a clip whose attended vector is the query (fused value 0.58) without
+    being their key clip (clip score 0.4 against 0.5, frame 0): each scores 0.35, below its
+    bound. One video scores 0.85 and five score 0.5 with bounds just above: the 42 best
+    bounds hold the first and 41 of the 60, so the 5 are not re-scored, and only the 10th
+    exact score (0.35, below the bound left out) tells that the top-10 is not certified."""
+    n_decoy, n_mid, K, H, alpha = 60, 5, 4, 16, 0.7
+    N = n_decoy + n_mid + 1
     g = torch.Generator().manual_seed(0)
     e = torch.eye(H)
     q = e[0]
     noise = F.normalize(torch.randn(N, K, H, generator=g) * (torch.arange(H) >= 4), dim=-1)  # orthogonal to q
-    clips = noise.clone()
-    clips[:, 0] = 0.5 * e[0] + 0.75 ** 0.5 * e[1]                                     # q.c = 0.5, the key clip
-    clips[:, 1] = 0.4 * e[0] + 0.84 ** 0.5 * e[2]                                     # q.c = 0.4
+    clips, attended = noise.clone(), noise.clone()
+    for v, (c0, a0) in enumerate([(0.5, 0.0)] * n_decoy + [(0.5, 0.5)] * n_mid + [(0.85, 0.85)]):
+        clips[v, 0] = c0 * e[0] + (1 - c0 ** 2) ** 0.5 * e[1]                        # the key clip
+        attended[v, 0] = a0 * e[0] + (1 - a0 ** 2) ** 0.5 * e[2]
+    clips[:n_decoy, 1] = 0.4 * e[0] + 0.84 ** 0.5 * e[2]                             # q.c = 0.4 ...
+    attended[:n_decoy, 1] = e[0]                                                       # ... q.a = 1
     clips[:, 2:] *= 0.1 + 0.2 * torch.rand(N, K - 2, 1, generator=g)                  # q.c = 0, distinct rows
     clips[:, 2:] += 0.3 * torch.rand(N, 1, 1, generator=g) * e[3]
     clips = F.normalize(clips, dim=-1)
-    attended = noise.clone()
-    attended[:, 1] = e[0]                                                              # q.a = 1
     emb = VideoEmbeddings(clips, torch.zeros(N, K, 2, dtype=torch.long) + torch.tensor([0, 1]), attended)
-    index = VideoIndex.load(_write(emb, tmp_path / "idx", alpha=alpha))
-    eng = ExactSearch(index)
+    eng = ExactSearch(VideoIndex.load(_write(emb, tmp_path / "idx", alpha=alpha)))
+    two_step = []
+    screened = eng._search_screened
+    monkeypatch.setattr(eng, "_search_screened", lambda q_, k_, a_: two_step.append(len(q_)) or screened(q_, k_, a_))
     res = eng.search(q[None], 10)
-    assert eng.stats["fused"] == 1 and eng.stats["fused_misses"] == 1
+    assert (eng.stats["fused"], eng.stats["fused_misses"], two_step) == (1, 1, [1])
     check_against_reference(res, pair_scores(q[None], clips, attended), alpha, 10)
-    np.testing.assert_allclose(res.fused.numpy(), 0.35, atol=1e-5)
+    np.testing.assert_allclose(res.fused.numpy()[0], [0.85] + [0.5] * 5 + [0.35] * 4, atol=1e-5)
+    assert sorted(res.video_idx[0, :6].tolist()) == list(range(n_decoy, N))
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_fused_re_score_keeps_the_first_of_repeated_clips_as_key(two_threads):
+    """Videos whose clips are one clip repeated (a short video's units) with distinct attended
+    vectors: every clip ties for the key, which is then the first, so each video's frame and
+    fused scores are its first clip's. (A two-thread matrix product over all candidates'
+    clips rounded equal rows apart for one of these queries and picked a later copy; so can
+    a float64 matrix-vector product, which is why the expected scores are written out from
+    the first clip here.)"""
+    g = torch.Generator().manual_seed(7)
+    N, K, H, alpha = 300, 3, 1000, 0.7
+    clips = F.normalize(torch.randn(N, K, H, generator=g), dim=-1)
+    clips[:, 1:] = clips[:, :1]
+    attended = F.normalize(torch.randn(N, K, H, generator=g), dim=-1)
+    eng = ExactSearch(VideoIndex.from_arrays(clips.numpy(), attended.numpy(), alpha=alpha))
+    q = F.normalize(clips[:8, 0] + 0.3 * torch.randn(8, H, generator=g), dim=-1).double()
+    first = alpha * q @ clips[:, 0].double().T + (1 - alpha) * q @ attended[:, 0].double().T     # (Q, N)
+    for i in range(len(q)):
+        res = eng.search(q[i:i + 1].float(), 10)
+        assert res.key_clip.eq(0).all()
+        np.testing.assert_allclose(res.fused[0].numpy(), first[i, res.video_idx[0]].numpy(), atol=1e-5)
+        np.testing.assert_allclose(res.fused[0].numpy(), first[i].topk(10).values.numpy(), atol=1e-5)
+    assert eng.stats["fused"] == len(q) and eng.stats["fused_misses"] == 0
 
 
 def test_make_engine_screens_as_search_screen_says(tmp_path):

@@ -263,10 +263,12 @@ class ExactSearch:
         return _top(cand, sc, fs, key, alpha, k)
 
     def _rescore_videos(self, q: torch.Tensor, cand: torch.Tensor, alpha: float, k: int) -> SearchResult:
-        """Exact fp32 fused scores of candidate videos (Q, M) from all K clips of each."""
+        """Exact fp32 fused scores of candidate videos (Q, M) from all K clips of each. Each
+        row's products are summed alike wherever it lies (a matrix product may round equal
+        rows apart, and a video that repeats a clip would then get another key clip)."""
         (Q, M), H = cand.shape, self.H
-        c = _video_rows(self.index.clips, cand.reshape(-1)).view(Q, M * self.K, H)
-        sc, key = torch.bmm(c, q[:, :, None]).view(Q, M, self.K).max(-1)                  # (Q, M)
+        c = _video_rows(self.index.clips, cand.reshape(-1)).view(Q, M, self.K, H)
+        sc, key = (c * q[:, None, None, :]).sum(-1).max(-1)                              # (Q, M)
         av = _rows(self._attended, (cand * self.K + key).reshape(-1).numpy()).view(Q, M, H)
-        fs = torch.bmm(av, q[:, :, None]).squeeze(-1)                                    # (Q, M)
+        fs = (av * q[:, None, :]).sum(-1)                                                # (Q, M)
         return _top(cand, sc, fs, key, alpha, k)
