@@ -22,6 +22,7 @@ overlap against exact on search_bench.py's queries (noisy copies of a video's ve
 a random-init model's text queries carry no structure to measure recall with).
 
     python benchmarks/serve_bench.py --name serve           # every configuration, results/serve.json
+    python benchmarks/serve_bench.py --configs default --repeat 5 --name serve-repeat   # the spread
     python benchmarks/serve_bench.py --configs default --threads 1 --set search.backend=faiss --no-rest
 """
 from __future__ import annotations
@@ -369,6 +370,15 @@ def report(name: str, result: dict) -> None:
               f"({c['requests']} requests, {c['errors']} errors)")
 
 
+def headline(r: dict) -> dict:
+    """One run's p50s, throughput and load: what --repeat lists for each run."""
+    seq, w = r["rest"]["sequential"], r["rest"]["sequential"]["inside_worker_ms"]
+    return {"rest_p50_ms": seq["p50_ms"], "prvr_client_p50_ms": seq["prvr_client_p50_ms"],
+            "floor_p50_ms": r["rest"]["floor"]["p50_ms"], "encode_p50_ms": w["encode"]["p50"],
+            "score_p50_ms": w["score"]["p50"], "throughput_rps": r["rest"]["concurrent"]["throughput_rps"],
+            "load_avg_at_start": r["load_avg_at_start"][0]}
+
+
 def engine_detail(r: dict) -> str:
     """The exact engine's screen(s), or what faiss re-scores and re-ranks."""
     if r["backend"] == "exact":
@@ -412,6 +422,12 @@ def markdown(results_by_config: dict[str, dict]) -> str:
         lambda r: " / ".join(f"{r['engines'][f'{e}_scoring_ms']['p50']:.2f}" if f"{e}_scoring_ms" in r["engines"]
                              else "-" for e in ("exact_int8", "exact_bf16", "faiss")))
     row("that faiss's top-10 overlap with exact", lambda r: f"{r['engines']['faiss_overlap10']:.3f}")
+    if any("repeats" in r for r in results_by_config.values()):
+        for label, key in (("REST p50 of each run, ms", "rest_p50_ms"),
+                           ("the same with prvr.client, ms", "prvr_client_p50_ms"),
+                           ("in the worker: score p50 of each run, ms", "score_p50_ms"),
+                           ("load average at each run's start", "load_avg_at_start")):
+            row(label, lambda r, key=key: ", ".join(f"{x[key]:.2f}" for x in r["repeats"]))
     row("REST throughput, 4 clients, req/s (errors)",
         lambda r: f"{r['rest']['concurrent']['throughput_rps']:.1f} ({r['rest']['concurrent']['errors']})")
     first = results_by_config[names[0]]
@@ -446,16 +462,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ts-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a serving/config.properties entry for the run (repeatable)")
     add_config_args(p)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure each configuration this many times, each with its own TorchServe: the "
+                        "run-to-run spread of a shared machine (the first run's figures are the column's)")
     p.add_argument("--name", default=None, help="write results/NAME.json (benchmarks/results.py) and its block")
     args = p.parse_args(argv)
     if args.name and args.no_rest:
         p.error("--name records REST figures: drop --no-rest")
     started, measured = results.meta(argv), {}
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     for name in args.configs:
-        cfg = load_config(args.params, args.overrides + CONFIGS[name])
-        with tempfile.TemporaryDirectory(prefix="prvr-serve-bench-") as tmp:
-            measured[name] = measure(cfg, args, Path(tmp))
-        report(name, measured[name])
+        runs = []
+        for _ in range(args.repeat):
+            cfg = load_config(args.params, args.overrides + CONFIGS[name])
+            with tempfile.TemporaryDirectory(prefix="prvr-serve-bench-") as tmp:
+                runs.append(measure(cfg, args, Path(tmp)))
+            report(name, runs[-1])
+        measured[name] = runs[0] if args.repeat == 1 else {**runs[0], "repeats": [headline(r) for r in runs]}
     if args.name:
         print(results.write(args.name, measured, markdown(measured), argv, started=started))
     return 0
