@@ -371,11 +371,13 @@ def report(name: str, result: dict) -> None:
 
 
 def headline(r: dict) -> dict:
-    """One run's p50s, throughput and load: what --repeat lists for each run."""
+    """One run's p50s, throughput and load: what --repeat lists for each run (the in-process
+    total of one query, measured before TorchServe starts, tells how fast the machine was)."""
     seq, w = r["rest"]["sequential"], r["rest"]["sequential"]["inside_worker_ms"]
     return {"rest_p50_ms": seq["p50_ms"], "prvr_client_p50_ms": seq["prvr_client_p50_ms"],
             "floor_p50_ms": r["rest"]["floor"]["p50_ms"], "encode_p50_ms": w["encode"]["p50"],
             "score_p50_ms": w["score"]["p50"], "throughput_rps": r["rest"]["concurrent"]["throughput_rps"],
+            "in_process_total_p50_ms": r["in_process"]["total_ms"]["p50"],
             "load_avg_at_start": r["load_avg_at_start"][0]}
 
 
@@ -426,6 +428,8 @@ def markdown(results_by_config: dict[str, dict]) -> str:
         for label, key in (("REST p50 of each run, ms", "rest_p50_ms"),
                            ("the same with prvr.client, ms", "prvr_client_p50_ms"),
                            ("in the worker: score p50 of each run, ms", "score_p50_ms"),
+                           ("in process, 1 query, total p50 of each run (the machine's speed), ms",
+                            "in_process_total_p50_ms"),
                            ("load average at each run's start", "load_avg_at_start")):
             row(label, lambda r, key=key: ", ".join(f"{x[key]:.2f}" for x in r["repeats"]))
     row("REST throughput, 4 clients, req/s (errors)",
