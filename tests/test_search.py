@@ -474,6 +474,30 @@ def test_the_fused_re_score_keeps_the_first_of_repeated_clips_as_key(two_threads
     assert eng.stats["fused"] == len(q) and eng.stats["fused_misses"] == 0
 
 
+def test_searching_leaves_the_record_of_shown_warnings_alone(tmp_path, monkeypatch):
+    """Entering `warnings.catch_warnings()` resets Python's record of the warnings already
+    shown, so a server's once-only warnings (KServe's web framework has one per request)
+    would repeat on every request: after the first, no search of a memory-mapped index
+    enters it, exact (fused and two-step) or faiss."""
+    import warnings
+
+    emb = _emb(300, K=8, H=32)
+    index = VideoIndex.load(_write(emb, tmp_path / "idx", dtype="float16"))       # faiss gathers fp16 rows
+    assert not index.clips.flags.writeable
+    engines = [ExactSearch(index), ExactSearch(index, fused=False), FaissSearch(index, search_cfg(index_type="flat"))]
+    q = _queries(emb, 4)
+    for eng in engines:
+        eng.search(q[:1], 10)
+    entered = []
+    real = warnings.catch_warnings
+    monkeypatch.setattr(warnings, "catch_warnings", lambda *a, **kw: entered.append(1) or real(*a, **kw))
+    for eng in engines:
+        for i in range(len(q)):
+            eng.search(q[i:i + 1], 10)
+    assert engines[0].stats["fused"] == 1 + len(q)
+    assert entered == []
+
+
 def test_make_engine_screens_as_search_screen_says(tmp_path):
     index = VideoIndex.load(_write(_emb(20), tmp_path / "idx"))
     assert make_engine(index, search_cfg()).precision == "int8"                    # the default

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from prvr.errors import SearchIndexError
 from prvr.model import fuse
 from prvr.search.exact import SearchResult, as_queries, empty_result
 from prvr.search.index import RowPrefetcher, VideoIndex, advise_random
+from prvr.search.screen import _view
 
 __all__ = ["FaissSearch", "make_faiss_index", "train_and_add", "build_faiss_into", "ann_params",
            "rerank", "best_videos", "distinct_videos", "fused_rows", "stored_ann_fits", "read_faiss",
@@ -261,9 +261,7 @@ def _gather(arr: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     slower) and converted after."""
     a = np.asarray(arr)
     half = a.dtype == np.float16
-    with warnings.catch_warnings():                 # read-only mmaps: the view is only read
-        warnings.simplefilter("ignore", UserWarning)
-        view = torch.from_numpy(a.view(np.int16) if half else a)
+    view = _view(a.view(np.int16) if half else a)
     got = view.index_select(0, torch.from_numpy(np.asarray(rows, np.int64)))
     return (got.view(torch.float16) if half else got).float()
 

@@ -92,12 +92,6 @@ def _top(cand: torch.Tensor, sc: torch.Tensor, fs: torch.Tensor, key: torch.Tens
     return SearchResult(cand.gather(1, o), vals, sc.gather(1, o), fs.gather(1, o), key.gather(1, o))
 
 
-def _video_rows(arr: np.ndarray, videos: torch.Tensor) -> torch.Tensor:
-    """All K rows of each video of a (N, K, H) (possibly memory-mapped, fp16) array as fp32
-    (n, K, H)."""
-    return _view(arr).index_select(0, videos).float()
-
-
 def _rows(arr: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     """Gather rows of a flat (R, H) (possibly memory-mapped, fp16) array as fp32 (sorted reads)."""
     if len(rows) == 0:
@@ -127,6 +121,7 @@ class ExactSearch:
         N, K, H = index.clips.shape
         self.N, self.K, self.H = N, K, H
         self._clips = index.clips.reshape(N * K, H)        # (N*K, H) views of the (mmap) arrays
+        self._clip_view = _view(index.clips)                # (N, K, H) tensor over the same memory
         self._attended = index.attended.reshape(N * K, H)
         self.precision = precision
         self.gather_queries = gather_queries
@@ -267,7 +262,7 @@ class ExactSearch:
         row's products are summed alike wherever it lies (a matrix product may round equal
         rows apart, and a video that repeats a clip would then get another key clip)."""
         (Q, M), H = cand.shape, self.H
-        c = _video_rows(self.index.clips, cand.reshape(-1)).view(Q, M, self.K, H)
+        c = self._clip_view.index_select(0, cand.reshape(-1)).float().view(Q, M, self.K, H)
         sc, key = (c * q[:, None, None, :]).sum(-1).max(-1)                              # (Q, M)
         av = _rows(self._attended, (cand * self.K + key).reshape(-1).numpy()).view(Q, M, H)
         fs = (av * q[:, None, :]).sum(-1)                                                # (Q, M)

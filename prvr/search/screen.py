@@ -49,11 +49,24 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
     return _view(np.asarray(arr, np.float32))
 
 
+_SILENCED = []
+
+
 def _view(arr: np.ndarray) -> torch.Tensor:
-    """A tensor sharing a (read-only, memory-mapped) array's memory and dtype; only read."""
+    """A tensor sharing a (read-only, memory-mapped) array's memory and dtype; only read.
+
+    torch warns once per process that such memory is not writable; that first call runs with
+    the warning silenced, the later ones plainly: entering `warnings.catch_warnings()` on
+    every request would reset Python's record of the warnings already shown, and another
+    library's once-only warning (a web framework's) would then repeat on every request."""
+    a = np.asarray(arr)
+    if a.flags.writeable or _SILENCED:
+        return torch.from_numpy(a)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(arr))
+        view = torch.from_numpy(a)
+    _SILENCED.append(True)
+    return view
 
 
 def _near_rows(near: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
