@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import http.client
+import json
 import os
 import statistics
 import sys
@@ -36,6 +38,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -44,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results  # noqa: E402 - results/NAME.json and its README block
 import search_bench  # noqa: E402 - the shared corpus generator
 from prvr.cli import add_config_args  # noqa: E402
+from prvr.client import parse_server_timing  # noqa: E402
 from prvr.config import load_config  # noqa: E402
 
 QUERIES = ["a man opens the fridge", "a woman walks into the kitchen and sits down",
@@ -177,19 +181,12 @@ class PlainHttp:
     client library's own per-request work (prvr.client, on requests, adds most of a millisecond)."""
 
     def __init__(self, url: str, key: str):
-        import http.client
-        from urllib.parse import urlsplit
-
         parts = urlsplit(url)
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
 
     def search(self, query: str, top_k: int) -> tuple[float, dict[str, float]]:
         """Round-trip ms (request sent to the last byte read) and the worker's Server-Timing stages."""
-        import json
-
-        from prvr.client import parse_server_timing
-
         body = json.dumps({"query": query, "top_k": top_k})
         t0 = time.perf_counter()
         self.conn.request("POST", "/predictions/prvr", body, self.headers)

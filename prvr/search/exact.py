@@ -214,7 +214,7 @@ class ExactSearch:
     def _search_fused(self, q: torch.Tensor, k: int, alpha: float) -> SearchResult:
         """One pass over the fused vectors bounds every video; the best are re-scored from
         all their clips. A query the bound cannot certify takes the two-step screen."""
-        K, Q = self.K, len(q)
+        Q = len(q)
         state = self._fused.prepare(q)
         best = (torch.full((Q, 0), float("-inf")), torch.zeros((Q, 0), dtype=torch.long))
         for start in range(0, self.N, self.video_chunk):

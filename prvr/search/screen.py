@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
+from prvr.model import fuse
+
 __all__ = ["Bf16Screen", "Int8Screen", "FusedScreen", "BF16_OUT_REL", "bf16_supported"]
 
 # Error of a bf16 product q~.c~ against the fp32 q.c (Cauchy-Schwarz, no cancellation assumed):
@@ -184,14 +186,14 @@ def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13, mix: tuple[np.ndarray, 
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Stored rows: q (R, H) int8, scale (R,) fp32, the residual norm ||x - scale q|| per row
     (rounded up) and max ||x|| (in float64). With mix = (other, alpha) the rows are
-    x = alpha arr + (1 - alpha) other, formed in float64."""
+    fuse(arr, other, alpha), formed in float64."""
     R, H = arr.shape
     q, scale, resid = np.empty((R, H), np.int8), np.empty(R, np.float32), np.empty(R, np.float32)
     norm = 0.0
     for i in range(0, R, rows):
         x = np.asarray(arr[i:i + rows], np.float64)
         if mix is not None:
-            x = mix[1] * x + (1 - mix[1]) * np.asarray(mix[0][i:i + rows], np.float64)
+            x = fuse(x, np.asarray(mix[0][i:i + rows], np.float64), mix[1])
         if not np.isfinite(x).all():
             raise ValueError(f"rows {i}..{i + len(x) - 1} hold a value that is not finite (NaN or inf): "
                              "an index to screen must be finite")
@@ -313,6 +315,13 @@ def _int8_err(state: dict, resid: torch.Tensor, norm: float, qi: torch.Tensor | 
     return qn * resid + d * norm + _INT8_ROUNDING * qn * max(1.0, norm)
 
 
+def _chunk_scores(sessions: list[ort.InferenceSession], video_chunk: int, K: int, state: dict, start: int,
+                  end: int) -> torch.Tensor:
+    """Screened scores (Q, n, K) of the stored rows of videos start..end (one chunk's session)."""
+    out = sessions[start // video_chunk].run(None, {"A": state["a"], "s": state["s"]})[0]
+    return torch.from_numpy(out).view(state["Q"], end - start, K)
+
+
 def _packed_sessions(q: np.ndarray, scale: np.ndarray, rows: int, threads: int
                      ) -> tuple[list[np.ndarray], list[ort.InferenceSession]]:
     """One pre-packed session per `rows` stored rows (int8 q (R, H), scale (R,)); the
@@ -349,9 +358,7 @@ class Int8Screen:
         return _prepare_queries(q)
 
     def clips(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        K, Q = self.K, state["Q"]
-        session = self.sessions[start // self.video_chunk]
-        s = torch.from_numpy(session.run(None, {"A": state["a"], "s": state["s"]})[0]).view(Q, end - start, K)
+        s = _chunk_scores(self.sessions, self.video_chunk, self.K, state, start, end)
         return s, s.amax(-1), _int8_err(state, self.c_resid[start:end], self.c_norm)          # err (Q, n)
 
     def frame_ub(self, state: dict, near: torch.Tensor, start: int) -> torch.Tensor:
@@ -403,7 +410,5 @@ class FusedScreen:
 
     def bounds(self, state: dict, start: int, end: int) -> torch.Tensor:
         """Upper bounds (Q, n) on the exact fused scores of videos start..end."""
-        K, Q = self.K, state["Q"]
-        session = self.sessions[start // self.video_chunk]
-        s = torch.from_numpy(session.run(None, {"A": state["a"], "s": state["s"]})[0]).view(Q, end - start, K)
+        s = _chunk_scores(self.sessions, self.video_chunk, self.K, state, start, end)
         return s.amax(-1) + _int8_err(state, self.resid[start:end], self.norm)
