@@ -25,7 +25,8 @@ from prvr.search.ann import FaissSearch, ann_params, train_and_add
 from prvr.search import build as build_mod
 from prvr.search.exact import bf16_supported
 from prvr.search import exact as exact_mod
-from prvr.search.screen import BF16_OUT_REL, FusedScreen, Int8Screen, _int8_err, _quantize_rows
+from prvr.search.screen import (BF16_OUT_REL, FOLD, FOLD_MAX_H, FusedScreen, Int8Screen, _int8_err,
+                                _prepare_queries, _quantize_rows)
 
 
 def _emb(N: int, K: int = 8, H: int = 32, seed: int = 0, dup: bool = True) -> VideoEmbeddings:
@@ -371,7 +372,7 @@ def test_fused_screen_bounds_every_video_from_above(tmp_path):
     c, a = emb.clips.reshape(-1, H).numpy(), emb.attended.reshape(-1, H).numpy()
     screen = FusedScreen(c, a, alpha, K, chunk)
     z = alpha * c.astype(np.float64) + (1 - alpha) * a.astype(np.float64)                 # (N*K, H)
-    zq, zs, _, _ = _quantize_rows(c, mix=(a, alpha))
+    zq, zs, _, _ = _quantize_rows(c, mix=(a, alpha), group=K)
     resid = z - zs[:, None].astype(np.float64) * zq                                       # what int8 leaves
     worst = np.argsort(-np.linalg.norm(resid, axis=1))[:4]                                # rows
     aimed = F.normalize(torch.from_numpy(resid[worst] / np.linalg.norm(resid[worst], axis=1, keepdims=True)
@@ -441,6 +442,67 @@ def test_a_bound_the_fused_screen_cannot_certify_falls_back_to_the_two_step_scre
     check_against_reference(res, pair_scores(q[None], clips, attended), alpha, 10)
     np.testing.assert_allclose(res.fused.numpy()[0], [0.85] + [0.5] * 5 + [0.35] * 4, atol=1e-5)
     assert sorted(res.video_idx[0, :6].tolist()) == list(range(n_decoy, N))
+
+
+def test_the_fused_screen_re_scores_a_second_round_only_for_the_queries_the_first_leaves_uncertified(
+        tmp_path, monkeypatch):
+    """With a first round of k + 4 videos (FIRST_ROUND 4), some random queries need more than
+    the k + 4 best bounds to certify their top-10 and some do not: the former (only) get the rest of
+    the budget, every top-10 is certified and equals the reference; with a first round as
+    large as the budget there is one round a query."""
+    emb = _emb(400, K=8, H=48)
+    index = VideoIndex.load(_write(emb, tmp_path / "idx"))
+    q = _queries(emb, 12)
+    ref = pair_scores(q, emb.clips, emb.attended)
+    for first, want_second in ((4, True), (exact_mod.ExactSearch(index).margin, False)):
+        monkeypatch.setattr(exact_mod, "FIRST_ROUND", first)
+        eng = exact_mod.ExactSearch(index)
+        rounds: list[tuple[int, int]] = []
+        rescore = eng._rescore_videos
+        monkeypatch.setattr(eng, "_rescore_videos", lambda q_, c, a_, k_: rounds.append(tuple(c.shape))
+                            or rescore(q_, c, a_, k_))
+        seconds = []
+        for i in range(len(q)):
+            before = len(rounds)
+            check_against_reference(eng.search(q[i:i + 1], 10), tuple(r[i:i + 1] for r in ref), 0.7, 10)
+            seconds.append(len(rounds) - before == 2)
+        assert eng.stats["fused"] == len(q) and eng.stats["fused_misses"] == 0
+        assert rounds[0] == (1, 10 + first)
+        assert any(seconds) == want_second and (not want_second or not all(seconds))
+        assert set(rounds[1:]) <= {(1, 10 + first), (1, eng._budget(10) - 10 - first)}
+
+
+def test_fused_rows_share_a_scale_per_video_and_queries_fold_into_one_integer_product():
+    """The fused screen's int8 rows: one scale per group of K rows (so a video's largest
+    screened product is its largest integer product times the scales), the residual norms
+    those scales leave; a query's two 7-bit rows with s1 = FOLD s2, within 1e-3 of it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 16, generator=g).numpy() * np.repeat([0.1, 1.0, 5.0], 4)[:, None]
+    q, scale, resid, norm = _quantize_rows(x, rows=5, group=4)           # chunks of 4 rows, not 5
+    assert np.array_equal(scale, np.repeat(np.abs(x).reshape(3, -1).max(1) / 127, 4).astype(np.float32))
+    assert np.abs(q).max() == 127 and (np.abs(q).reshape(3, -1).max(1) == 127).all()
+    back = scale[:, None].astype(np.float64) * q
+    assert np.all(np.linalg.norm(x - back, axis=1) <= resid) and np.all(resid <= 1.01 * np.linalg.norm(x - back, axis=1))
+    with pytest.raises(ValueError, match="12 rows do not make groups of 5"):
+        _quantize_rows(x, group=5)
+    qs = F.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    st = _prepare_queries(qs, FOLD)
+    pairs = st["a"].astype(np.int64).reshape(3, 2, 16) - 64
+    assert np.abs(pairs).max() <= 63
+    approx = st["unit"] * (FOLD * pairs[:, 0] + pairs[:, 1])
+    assert np.all(np.linalg.norm(qs.numpy() - approx, axis=1) <= st["d"].numpy()) and float(st["d"].max()) < 1e-3
+
+
+def test_a_hidden_size_past_the_folded_products_range_screens_in_two_steps(tmp_path):
+    emb = _emb(30, K=2, H=FOLD_MAX_H + 1)
+    with pytest.raises(ValueError, match=f"up to {FOLD_MAX_H} values"):
+        FusedScreen(emb.clips.reshape(-1, FOLD_MAX_H + 1).numpy(), emb.attended.reshape(-1, FOLD_MAX_H + 1).numpy(),
+                    0.7, 2, 16)
+    index = VideoIndex.load(_write(emb, tmp_path / "idx"))
+    eng = ExactSearch(index)
+    q = _queries(emb, 1)
+    assert eng._fused is None
+    check_against_reference(eng.search(q, 5), pair_scores(q, emb.clips, emb.attended), 0.7, 5)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from prvr.metrics import ranks_from_scores
 from prvr.model import fuse, score
 from prvr.search.index import VideoIndex
-from prvr.search.screen import Bf16Screen, FusedScreen, Int8Screen, _tensor, _view, bf16_supported
+from prvr.search.screen import FOLD_MAX_H, Bf16Screen, FusedScreen, Int8Screen, _tensor, _view, bf16_supported
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ __all__ = ["SearchResult", "ExactSearch", "bf16_supported", "as_queries",
 
 PRECISIONS = ("int8", "bf16", "fp32")         # search.screen
 FUSED_ROWS = 1 << 14      # most clip rows (queries x re-scored videos x K) the fused screen re-scores
+FIRST_ROUND = 16          # the fused screen re-scores k + 16 videos first, the rest of its budget if needed
 
 
 class SearchResult(NamedTuple):
@@ -87,8 +88,8 @@ def _keep_best(best: tuple, new: tuple, keep: int) -> tuple:
 
 def _top(cand: torch.Tensor, sc: torch.Tensor, fs: torch.Tensor, key: torch.Tensor, alpha: float,
          k: int) -> SearchResult:
-    """The k best of re-scored candidates (Q, M) by their fused score."""
-    vals, o = fuse(sc, fs, alpha).topk(k, dim=1)
+    """The k best of re-scored candidates (Q, M) by their fused score (all M where M < k)."""
+    vals, o = fuse(sc, fs, alpha).topk(min(k, cand.shape[1]), dim=1)
     return SearchResult(cand.gather(1, o), vals, sc.gather(1, o), fs.gather(1, o), key.gather(1, o))
 
 
@@ -123,6 +124,7 @@ class ExactSearch:
         self._clips = index.clips.reshape(N * K, H)        # (N*K, H) views of the (mmap) arrays
         self._clip_view = _view(index.clips)                # (N, K, H) tensor over the same memory
         self._attended = index.attended.reshape(N * K, H)
+        self._att_view = _view(self._attended)
         self.precision = precision
         self.gather_queries = gather_queries
         self.stats = {"queries": 0, "fallbacks": 0, "fused": 0, "fused_misses": 0}
@@ -130,7 +132,7 @@ class ExactSearch:
         self._fused: FusedScreen | None = None
         if self.precision == "int8":
             self._screen = Int8Screen(self._clips, self._attended, K, video_chunk, gather_queries=gather_queries)
-            if fused:
+            if fused and H <= FOLD_MAX_H:
                 self._fused = FusedScreen(self._clips, self._attended, index.alpha, K, video_chunk)
         elif self.precision == "bf16":
             if not bf16_supported():
@@ -209,37 +211,47 @@ class ExactSearch:
             near = s >= (smax - 2 * err)[..., None]         # clips that may be the exact key clip
             ub = fuse(smax + err, self._screen.frame_ub(state, near, start), alpha)
             best = _keep_best(best, (ub, torch.arange(start, end).expand(Q, -1), near), M + 1)
-        return self._certified(q, k, alpha, best, self._search_fp32, "fallbacks")
+        return self._certified(q, k, alpha, best)
 
     def _search_fused(self, q: torch.Tensor, k: int, alpha: float) -> SearchResult:
-        """One pass over the fused vectors bounds every video; the best are re-scored from
-        all their clips. A query the bound cannot certify takes the two-step screen."""
-        Q = len(q)
+        """One pass over the fused vectors bounds every video; the best are re-scored from all
+        their clips, k + FIRST_ROUND first and the rest of the budget for a query the first
+        round cannot certify. A query still uncertified takes the two-step screen."""
+        Q, M = len(q), self._budget(k)
         state = self._fused.prepare(q)
-        best = (torch.full((Q, 0), float("-inf")), torch.zeros((Q, 0), dtype=torch.long))
-        for start in range(0, self.N, self.video_chunk):
-            end = min(start + self.video_chunk, self.N)
-            best = _keep_best(best, (self._fused.bounds(state, start, end), torch.arange(start, end).expand(Q, -1)),
-                              self._budget(k) + 1)
+        bounds = torch.cat([self._fused.bounds(state, start, min(start + self.video_chunk, self.N))
+                            for start in range(0, self.N, self.video_chunk)], 1)            # (Q, N)
+        ub_val, ub_idx = bounds.topk(min(M + 1, self.N), dim=1)                           # sorted
         self.stats["fused"] += Q
-        return self._certified(q, k, alpha, (*best, None), self._search_screened, "fused_misses")
+        res, done, todo = None, 0, torch.arange(Q)
+        for m in sorted({min(M, k + FIRST_ROUND), M}):
+            part = self._rescore_videos(q[todo], ub_idx[todo, done:m], alpha, k)
+            if res is None:                                               # k <= m: a whole top-k
+                res = part
+            else:
+                part = merge_topk(SearchResult(*(r[todo] for r in res)), part, k)
+                res = SearchResult(*(r.index_copy(0, todo, p) for r, p in zip(res, part)))
+            bound = ub_val[todo, m] if ub_val.shape[1] > m else torch.full((len(todo),), float("-inf"))
+            todo, done = todo[part.fused[:, -1] < bound], m             # the certificate per query
+            if len(todo) == 0:
+                return res
+        self.stats["fused_misses"] += len(todo)
+        fix = self._search_screened(q[todo], k, alpha)
+        return SearchResult(*(r.index_copy(0, todo, f) for r, f in zip(res, fix)))
 
-    def _certified(self, q: torch.Tensor, k: int, alpha: float, best: tuple, fallback, counter: str
-                   ) -> SearchResult:
+    def _certified(self, q: torch.Tensor, k: int, alpha: float, best: tuple) -> SearchResult:
         """Exact re-score of the M best videos by their bound (best: bounds (Q, M+1) sorted,
-        videos, the clips that may be the key (Q, M+1, K) or None for all of them); a query
-        whose k-th exact score is below the bound of the best video left out is answered by
-        `fallback` instead."""
+        videos, the clips that may be the key (Q, M+1, K)); a query whose k-th exact score is
+        below the bound of the best video left out is answered by the plain fp32 path instead."""
         M = self._budget(k)
         ub_val, ub_idx, near = best
         bound = ub_val[:, M] if ub_val.shape[1] > M else torch.full((len(q),), float("-inf"))
-        res = self._rescore(q, ub_idx[:, :M], near[:, :M], alpha, k) if near is not None \
-            else self._rescore_videos(q, ub_idx[:, :M], alpha, k)
+        res = self._rescore(q, ub_idx[:, :M], near[:, :M], alpha, k)
         ok = res.fused[:, -1] >= bound                      # certificate per query
         if not bool(ok.all()):
             bad = (~ok).nonzero().squeeze(1)
-            self.stats[counter] += len(bad)
-            fix = fallback(q[bad], k, alpha)
+            self.stats["fallbacks"] += len(bad)
+            fix = self._search_fp32(q[bad], k, alpha)
             res = SearchResult(*(r.index_copy(0, bad, fx) for r, fx in zip(res, fix)))
         return res
 
@@ -264,6 +276,6 @@ class ExactSearch:
         (Q, M), H = cand.shape, self.H
         c = self._clip_view.index_select(0, cand.reshape(-1)).float().view(Q, M, self.K, H)
         sc, key = (c * q[:, None, None, :]).sum(-1).max(-1)                              # (Q, M)
-        av = _rows(self._attended, (cand * self.K + key).reshape(-1).numpy()).view(Q, M, H)
+        av = self._att_view.index_select(0, (cand * self.K + key).reshape(-1)).float().view(Q, M, H)
         fs = (av * q[:, None, :]).sum(-1)                                                # (Q, M)
         return _top(cand, sc, fs, key, alpha, k)

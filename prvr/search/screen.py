@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from prvr.model import fuse
 
-__all__ = ["Bf16Screen", "Int8Screen", "FusedScreen", "BF16_OUT_REL", "bf16_supported"]
+__all__ = ["Bf16Screen", "Int8Screen", "FusedScreen", "BF16_OUT_REL", "FOLD_MAX_H", "bf16_supported"]
 
 # Error of a bf16 product q~.c~ against the fp32 q.c (Cauchy-Schwarz, no cancellation assumed):
 #   |q~.c~ - q.c| <= ||q~ - q|| ||c~|| + ||q|| ||c~ - c||  (input rounding, measured exactly)
@@ -171,6 +171,8 @@ class Bf16Screen:
 # offset by 128 (<= 255: 2 * 255 * 63 < 32768). `_check_exact_products` tests the kernels.
 ROW_MAX, QUERY_MAX = 127, 63
 ROW_ZERO, QUERY_ZERO = 128, 64
+FOLD = 2 * QUERY_MAX                   # see _prepare_queries
+FOLD_MAX_H = (2 ** 31 - 1) // (ROW_MAX * QUERY_MAX * (FOLD + 1))   # |FOLD y1 + y2| in int32: H <= 2,113
 
 
 def _quantize(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,14 +184,17 @@ def _quantize(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(x / s), -top, top), s
 
 
-def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13, mix: tuple[np.ndarray, float] | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13, mix: tuple[np.ndarray, float] | None = None,
+                   group: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Stored rows: q (R, H) int8, scale (R,) fp32, the residual norm ||x - scale q|| per row
     (rounded up) and max ||x|| (in float64). With mix = (other, alpha) the rows are
-    fuse(arr, other, alpha), formed in float64."""
+    fuse(arr, other, alpha), formed in float64. Each `group` rows in a row share one scale
+    (the largest value among them sets it)."""
     R, H = arr.shape
     q, scale, resid = np.empty((R, H), np.int8), np.empty(R, np.float32), np.empty(R, np.float32)
-    norm = 0.0
+    if R % group:
+        raise ValueError(f"{R} rows do not make groups of {group}")
+    norm, rows = 0.0, max(group, rows - rows % group)
     for i in range(0, R, rows):
         x = np.asarray(arr[i:i + rows], np.float64)
         if mix is not None:
@@ -197,7 +202,8 @@ def _quantize_rows(arr: np.ndarray, rows: int = 1 << 13, mix: tuple[np.ndarray, 
         if not np.isfinite(x).all():
             raise ValueError(f"rows {i}..{i + len(x) - 1} hold a value that is not finite (NaN or inf): "
                              "an index to screen must be finite")
-        qi, s = _quantize(x, ROW_MAX)
+        qi, s = _quantize(x.reshape(-1, group * H), ROW_MAX)                  # one scale per group
+        qi, s = qi.reshape(-1, H), np.repeat(s, group, 0)                       # (rows, H), (rows, 1)
         q[i:i + rows], scale[i:i + rows] = qi, s[:, 0]
         resid[i:i + rows] = np.linalg.norm(x - s * qi, axis=1) * 1.001
         norm = max(norm, float(np.linalg.norm(x, axis=1).max()))
@@ -215,8 +221,9 @@ def _external(name: str, arr: np.ndarray, opts: ort.SessionOptions) -> TensorPro
     return t
 
 
-def _session(nodes: list, inputs: list, inits: list, opts: ort.SessionOptions) -> ort.InferenceSession:
-    out = helper.make_tensor_value_info("S", TensorProto.FLOAT, [None, None])
+def _session(nodes: list, inputs: list, inits: list, opts: ort.SessionOptions,
+             out_type: int = TensorProto.FLOAT) -> ort.InferenceSession:
+    out = helper.make_tensor_value_info("S", out_type, [None, None])
     model = helper.make_model(helper.make_graph(nodes, "screen", inputs, [out], inits),
                               opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -230,13 +237,17 @@ def _options(threads: int) -> ort.SessionOptions:
     return opts
 
 
-def _weights_session(weights: np.ndarray, scale: np.ndarray, threads: int) -> ort.InferenceSession:
+def _weights_session(weights: np.ndarray, scale: np.ndarray | None, threads: int) -> ort.InferenceSession:
     """Queries against stored rows pre-packed once (`weights` (H, R) int8, kept alive by the
     caller): (A uint8 (2Q, H) = query pairs + 64, s (Q, 2)) -> (s1 y1 + s2 y2) * scale (Q, R),
-    with y = (A - 64) @ weights in exact int32."""
+    with y = (A - 64) @ weights in exact int32; with scale None, A -> y (2Q, R) itself."""
     opts = _options(threads)
-    inits = [helper.make_tensor("zero", TensorProto.UINT8, [], [QUERY_ZERO]), _external("B", weights, opts),
-             numpy_helper.from_array(scale, "scale"),
+    inits = [helper.make_tensor("zero", TensorProto.UINT8, [], [QUERY_ZERO]), _external("B", weights, opts)]
+    a = helper.make_tensor_value_info("A", TensorProto.UINT8, [None, weights.shape[0]])
+    if scale is None:
+        return _session([helper.make_node("MatMulInteger", ["A", "B", "zero"], ["S"])], [a], inits, opts,
+                        TensorProto.INT32)
+    inits += [numpy_helper.from_array(scale, "scale"),
              helper.make_tensor("shape", TensorProto.INT64, [3], [-1, 2, weights.shape[1]]),
              helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
              helper.make_tensor("last", TensorProto.INT64, [1], [2])]
@@ -246,9 +257,7 @@ def _weights_session(weights: np.ndarray, scale: np.ndarray, threads: int) -> or
              helper.make_node("Unsqueeze", ["s", "last"], ["s3"]), helper.make_node("Mul", ["Y3", "s3"], ["P"]),
              helper.make_node("ReduceSum", ["P", "axis"], ["PS"], keepdims=0),
              helper.make_node("Mul", ["PS", "scale"], ["S"])]
-    inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, [None, weights.shape[0]]),
-              helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 2])]
-    return _session(nodes, inputs, inits, opts)
+    return _session(nodes, [a, helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 2])], inits, opts)
 
 
 def _rows_session(threads: int) -> ort.InferenceSession:
@@ -284,25 +293,35 @@ def _check_exact_products(threads: int, H: int = 256) -> None:
         None, {"A": (pairs + QUERY_ZERO).astype(np.uint8), "s": s})[0]
     got_r = _rows_session(threads).run(None, {"A": (rows.astype(np.int16) + ROW_ZERO).astype(np.uint8),
                                              "B": np.ascontiguousarray(pairs.T.astype(np.int8)), "s": s})[0]
-    if not (np.array_equal(got_w, want) and np.array_equal(got_r, want.T)):
+    got_y = _weights_session(weights, None, threads).run(None, {"A": (pairs + QUERY_ZERO).astype(np.uint8)})[0]
+    if not (np.array_equal(got_w, want) and np.array_equal(got_r, want.T) and np.array_equal(got_y, y)):
         raise RuntimeError("ONNX Runtime's integer products are not exact on this CPU, so the int8 "
                            "screen's bound would not hold: set search.screen to bf16 or fp32")
 
 
-def _prepare_queries(q: torch.Tensor) -> dict:
-    """Each query as two 7-bit rows, q = s1 q1 + s2 q2 + d, for one pass over stored rows."""
+def _prepare_queries(q: torch.Tensor, fold: int | None = None) -> dict:
+    """Each query as two 7-bit rows, q = s1 q1 + s2 q2 + d, for one pass over stored rows. With
+    `fold`, s1 = fold s2, so that the pass's two exact int32 products y1, y2 make one exact
+    integer, fold y1 + y2 (times s2); |q2| <= fold / 2 before clipping."""
     x = q.numpy().astype(np.float64)                                                      # (Q, H)
     if not np.isfinite(x).all():
         raise ValueError("a query vector holds a value that is not finite (NaN or inf)")
     q1, s1 = _quantize(x, QUERY_MAX)
-    q2, s2 = _quantize(x - s1 * q1, QUERY_MAX)
+    if fold is None:
+        q2, s2 = _quantize(x - s1 * q1, QUERY_MAX)
+    else:
+        s2 = s1 / fold
+        s1 = s2 * fold
+        q2 = np.clip(np.rint((x - s1 * q1) / s2), -QUERY_MAX, QUERY_MAX)
     d = np.linalg.norm(x - s1 * q1 - s2 * q2, axis=1) * 1.001                             # ||d||
     qn = np.linalg.norm(s1 * q1 + s2 * q2, axis=1) * 1.001                                # ||q~||
     pairs = np.stack([q1, q2], 1).reshape(2 * len(x), x.shape[1])                         # (2Q, H)
-    return {"Q": len(x), "a": (pairs + QUERY_ZERO).astype(np.uint8),
-            "b": np.ascontiguousarray(pairs.T.astype(np.int8)),
-            "s": np.concatenate([s1, s2], 1).astype(np.float32), "qn": torch.from_numpy(qn).float(),
-            "d": torch.from_numpy(d).float()}
+    state = {"Q": len(x), "a": (pairs + QUERY_ZERO).astype(np.uint8), "qn": torch.from_numpy(qn).float(),
+             "d": torch.from_numpy(d).float()}
+    if fold is not None:
+        return {**state, "unit": s2}                                                       # (Q, 1) float64
+    return {**state, "b": np.ascontiguousarray(pairs.T.astype(np.int8)),
+            "s": np.concatenate([s1, s2], 1).astype(np.float32)}
 
 
 def _int8_err(state: dict, resid: torch.Tensor, norm: float, qi: torch.Tensor | None = None) -> torch.Tensor:
@@ -315,19 +334,13 @@ def _int8_err(state: dict, resid: torch.Tensor, norm: float, qi: torch.Tensor | 
     return qn * resid + d * norm + _INT8_ROUNDING * qn * max(1.0, norm)
 
 
-def _chunk_scores(sessions: list[ort.InferenceSession], video_chunk: int, K: int, state: dict, start: int,
-                  end: int) -> torch.Tensor:
-    """Screened scores (Q, n, K) of the stored rows of videos start..end (one chunk's session)."""
-    out = sessions[start // video_chunk].run(None, {"A": state["a"], "s": state["s"]})[0]
-    return torch.from_numpy(out).view(state["Q"], end - start, K)
-
-
-def _packed_sessions(q: np.ndarray, scale: np.ndarray, rows: int, threads: int
+def _packed_sessions(q: np.ndarray, scale: np.ndarray | None, rows: int, threads: int
                      ) -> tuple[list[np.ndarray], list[ort.InferenceSession]]:
-    """One pre-packed session per `rows` stored rows (int8 q (R, H), scale (R,)); the
-    transposed int8 copies they read must stay alive with them."""
+    """One pre-packed session per `rows` stored rows (int8 q (R, H), scale (R,) or None: see
+    `_weights_session`); the transposed int8 copies they read must stay alive with them."""
     weights = [np.ascontiguousarray(q[i:i + rows].T) for i in range(0, len(q), rows)]     # (H, rows)
-    return weights, [_weights_session(w, scale[i * rows:(i + 1) * rows], threads) for i, w in enumerate(weights)]
+    return weights, [_weights_session(w, None if scale is None else scale[i * rows:(i + 1) * rows], threads)
+                     for i, w in enumerate(weights)]
 
 
 class Int8Screen:
@@ -358,7 +371,8 @@ class Int8Screen:
         return _prepare_queries(q)
 
     def clips(self, state: dict, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s = _chunk_scores(self.sessions, self.video_chunk, self.K, state, start, end)
+        out = self.sessions[start // self.video_chunk].run(None, {"A": state["a"], "s": state["s"]})[0]
+        s = torch.from_numpy(out).view(state["Q"], end - start, self.K)
         return s, s.amax(-1), _int8_err(state, self.c_resid[start:end], self.c_norm)          # err (Q, n)
 
     def frame_ub(self, state: dict, near: torch.Tensor, start: int) -> torch.Tensor:
@@ -394,21 +408,31 @@ class FusedScreen:
     the clip screen's second step (the frame products at the clips that may be the key
     clip). The bound is tight where few videos own a clip pointing at the query; where it is
     not, the caller's certificate fails and it takes the two-step screen. 2 bytes per value
-    (the int8 rows and ONNX Runtime's pre-packed copy)."""
+    (the int8 rows and ONNX Runtime's pre-packed copy).
+
+    The K rows of a video share one scale and the query's two 7-bit rows fold into one
+    integer (`_prepare_queries` with FOLD), so a video's largest screened q.z is its largest
+    exact int32 product times two scales: the pass returns the products and nothing else."""
 
     def __init__(self, clips: np.ndarray, attended: np.ndarray, alpha: float, K: int, video_chunk: int,
                  threads: int | None = None):
         self.alpha, self.K, self.video_chunk = float(alpha), K, video_chunk
+        if clips.shape[1] > FOLD_MAX_H:
+            raise ValueError(f"the fused screen's integer products hold vectors of up to {FOLD_MAX_H} "
+                             f"values, not {clips.shape[1]}")
         threads = threads or torch.get_num_threads()
         _check_exact_products(threads)
-        zq, zs, zr, self.norm = _quantize_rows(clips, mix=(attended, self.alpha))
+        zq, zs, zr, self.norm = _quantize_rows(clips, mix=(attended, self.alpha), group=K)
+        self.scale = zs[::K].astype(np.float64)                                             # (N,)
         self.resid = torch.from_numpy(zr).view(-1, K).amax(1)                               # (N,)
-        self.weights, self.sessions = _packed_sessions(zq, zs, video_chunk * K, threads)
+        self.weights, self.sessions = _packed_sessions(zq, None, video_chunk * K, threads)
 
     def prepare(self, q: torch.Tensor) -> dict:
-        return _prepare_queries(q)
+        return _prepare_queries(q, FOLD)
 
     def bounds(self, state: dict, start: int, end: int) -> torch.Tensor:
         """Upper bounds (Q, n) on the exact fused scores of videos start..end."""
-        s = _chunk_scores(self.sessions, self.video_chunk, self.K, state, start, end)
-        return s.amax(-1) + _int8_err(state, self.resid[start:end], self.norm)
+        y = self.sessions[start // self.video_chunk].run(None, {"A": state["a"]})[0]         # (2Q, n*K) int32
+        best = (y[0::2] * FOLD + y[1::2]).reshape(state["Q"], end - start, self.K).max(-1)  # (Q, n) exact
+        screened = torch.from_numpy(best * state["unit"] * self.scale[start:end])           # float64
+        return (screened + _int8_err(state, self.resid[start:end], self.norm)).float()
