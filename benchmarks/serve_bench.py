@@ -291,6 +291,7 @@ def floor(cfg, answer: bytes, tmp: Path, overrides: dict, n: int) -> dict:
 # the faiss engine of docs/serving.md (approximate top-10: the engines row gives its overlap).
 CONFIGS = {"default": [], "fp32-text": ["text.quantize=none"], "bf16-screen": ["search.screen=bf16"],
            "two-step-screen": ["search.fused_screen=false"], "2-threads": ["serve.threads=2"],
+           "2-screen-threads": ["search.screen_threads=2"],
            "low-latency": ["search.backend=faiss", "search.refine=1000", "search.candidates=30",
                            "search.refine_codes=fp16"],
            "batch-1": ["serve.batch_size=1"], "batch-4": ["serve.batch_size=4"]}

@@ -249,6 +249,7 @@ class SearchConfig(_Section):
     backend: Literal["exact", "faiss", "milvus"]
     screen: Literal["int8", "bf16", "fp32"]     # the exact engine's screen (prvr.search.screen)
     fused_screen: Bool              # exact int8: + the fused vectors' screen (FusedScreen)
+    screen_threads: Count           # exact int8: ONNX Runtime threads of the screens (0: torch's)
     dtype: Literal["float32", "float16"]
     index_type: IndexType
     nlist: PosInt

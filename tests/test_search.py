@@ -571,6 +571,17 @@ def test_make_engine_screens_as_search_screen_says(tmp_path):
         search_cfg(screen="int4")
 
 
+def test_screen_threads_set_the_threads_of_every_int8_pass(tmp_path, monkeypatch):
+    index = VideoIndex.load(_write(_emb(20), tmp_path / "idx"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    for setting, threads in ((0, 1), (2, 2), (3, 3)):
+        eng = make_engine(index, search_cfg(screen_threads=setting))
+        sessions = [*eng._screen.sessions, eng._screen.rows_session, *eng._fused.sessions]
+        assert [s.get_session_options().intra_op_num_threads for s in sessions] == [threads] * len(sessions)
+    with pytest.raises(ValueError, match="screen_threads"):
+        search_cfg(screen_threads=-1)
+
+
 def test_int8_engine_equals_fp32_on_hostile_rows(tmp_path):
     """Zero rows (score 0) and near one-hot rows in the index: the int8 engine's top-10 has
     the fp32 engine's scores, and each listed video really has the score listed."""

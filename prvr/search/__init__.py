@@ -31,7 +31,8 @@ BACKENDS = ("exact", "faiss", "milvus")
 def make_engine(index: VideoIndex, search_cfg: SearchConfig, **kwargs: Any) -> Any:
     """The engine named by search.backend; all have `.search(queries, top_k, alpha) -> SearchResult`."""
     engines = {"exact": lambda: ExactSearch(index, **{"precision": search_cfg.screen,
-                                                      "fused": search_cfg.fused_screen, **kwargs}),
+                                                      "fused": search_cfg.fused_screen,
+                                                      "threads": search_cfg.screen_threads or None, **kwargs}),
                "faiss": lambda: FaissSearch(index, search_cfg, **kwargs),
                "milvus": lambda: MilvusSearch(index, search_cfg, **kwargs)}
     if search_cfg.backend not in engines:

@@ -110,10 +110,11 @@ class ExactSearch:
     per (clip, attended) value pair: the int8 clips, ONNX Runtime's pre-packed copy of them,
     the int8 attended vectors; with `fused` (search.fused_screen) 2 more, the fused vectors'
     screen), "bf16" (bf16 screen; 4 bytes per pair; fast only with native bf16) or "fp32"
-    (chunked fp32 products only, no copy)."""
+    (chunked fp32 products only, no copy). threads (search.screen_threads): ONNX Runtime
+    threads of the int8 screens (None: torch's)."""
 
     def __init__(self, index: VideoIndex, video_chunk: int = 4096, precision: str = "int8",
-                 margin: int = 32, gather_queries: int = 4, fused: bool = True):
+                 margin: int = 32, gather_queries: int = 4, fused: bool = True, threads: int | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {' | '.join(PRECISIONS)}, got {precision!r}")
         self.index = index
@@ -131,9 +132,9 @@ class ExactSearch:
         self._screen: Int8Screen | Bf16Screen | None = None
         self._fused: FusedScreen | None = None
         if self.precision == "int8":
-            self._screen = Int8Screen(self._clips, self._attended, K, video_chunk, gather_queries=gather_queries)
+            self._screen = Int8Screen(self._clips, self._attended, K, video_chunk, threads, gather_queries)
             if fused and H <= FOLD_MAX_H:
-                self._fused = FusedScreen(self._clips, self._attended, index.alpha, K, video_chunk)
+                self._fused = FusedScreen(self._clips, self._attended, index.alpha, K, video_chunk, threads)
         elif self.precision == "bf16":
             if not bf16_supported():
                 logger.warning("search.screen bf16 on a CPU without native bf16: emulated, several times "
