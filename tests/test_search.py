@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -493,13 +494,15 @@ def test_fused_rows_share_a_scale_per_video_and_queries_fold_into_one_integer_pr
     assert np.all(np.linalg.norm(qs.numpy() - approx, axis=1) <= st["d"].numpy()) and float(st["d"].max()) < 1e-3
 
 
-def test_a_hidden_size_past_the_folded_products_range_screens_in_two_steps(tmp_path):
+def test_a_hidden_size_past_the_folded_products_range_screens_in_two_steps(tmp_path, caplog):
     emb = _emb(30, K=2, H=FOLD_MAX_H + 1)
     with pytest.raises(ValueError, match=f"up to {FOLD_MAX_H} values"):
         FusedScreen(emb.clips.reshape(-1, FOLD_MAX_H + 1).numpy(), emb.attended.reshape(-1, FOLD_MAX_H + 1).numpy(),
                     0.7, 2, 16)
     index = VideoIndex.load(_write(emb, tmp_path / "idx"))
-    eng = ExactSearch(index)
+    with caplog.at_level(logging.WARNING, logger="prvr.search.exact"):
+        eng = ExactSearch(index)
+    assert "the two-step screen serves every query" in caplog.text
     q = _queries(emb, 1)
     assert eng._fused is None
     check_against_reference(eng.search(q, 5), pair_scores(q, emb.clips, emb.attended), 0.7, 5)

@@ -133,7 +133,10 @@ class ExactSearch:
         self._fused: FusedScreen | None = None
         if self.precision == "int8":
             self._screen = Int8Screen(self._clips, self._attended, K, video_chunk, threads, gather_queries)
-            if fused and H <= FOLD_MAX_H:
+            if fused and H > FOLD_MAX_H:
+                logger.warning("search.fused_screen: vectors of %d values are past the fused screen's %d; "
+                               "the two-step screen serves every query", H, FOLD_MAX_H)
+            elif fused:
                 self._fused = FusedScreen(self._clips, self._attended, index.alpha, K, video_chunk, threads)
         elif self.precision == "bf16":
             if not bf16_supported():

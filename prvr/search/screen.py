@@ -34,7 +34,8 @@ __all__ = ["Bf16Screen", "Int8Screen", "FusedScreen", "BF16_OUT_REL", "FOLD_MAX_
 #                  + 2^-8 |x| (bf16 output rounding: 8 significant bits) + H 2^-24 (fp32 accumulation).
 BF16_OUT_REL = 2.0 ** -8 * 1.01       # (fp32 accumulation and one rounding: checked at init)
 # Rounding of the fp32 arithmetic that turns exact int32 products into scores: a few ulps of
-# values of magnitude <= ||q~|| max(1, largest row norm); this is far above its true size.
+# values of magnitude about ||q~|| max(1, largest row norm) (a shared int8 scale can make a
+# stored row's norm exceed its vector's by a fraction); this is far above its true size.
 _INT8_ROUNDING = 1e-6
 
 
@@ -352,7 +353,8 @@ class Int8Screen:
     The clip side uses each video's largest residual norm, the frame side each row's.
 
     ONNX Runtime gives each session its own thread pool: threads - 1 extra threads per
-    `video_chunk` videos (one session each) plus one for the gathered rows."""
+    `video_chunk` videos (one session each) and threads - 1 for the gathered rows (the
+    fused screen: threads - 1 more per `video_chunk` videos)."""
 
     def __init__(self, clips: np.ndarray, attended: np.ndarray, K: int, video_chunk: int,
                  threads: int | None = None, gather_queries: int = 4):
