@@ -31,13 +31,6 @@ import search_bench  # noqa: E402
 CONDITIONS = ("warm", "after idle", "after spinning")
 
 
-class _Index:
-    """The arrays and alpha ExactSearch reads (a VideoIndex without files)."""
-
-    def __init__(self, clips: np.ndarray, attended: np.ndarray, alpha: float = 0.7):
-        self.clips, self.attended, self.alpha, self.count = clips, attended, alpha, len(clips)
-
-
 def _before(condition: str, gap_s: float) -> None:
     if condition == "after idle":
         time.sleep(gap_s)
@@ -48,12 +41,12 @@ def _before(condition: str, gap_s: float) -> None:
 
 
 def measure(videos: int, queries: int, gap_ms: float, threads: list[int]) -> dict:
-    from prvr.search import ExactSearch
+    from prvr.search import ExactSearch, VideoIndex
     from prvr.search.exact import as_queries
 
     torch.set_num_threads(1)
     vec = search_bench.make_corpus(videos, 1, "float32", None, kind="structured")
-    index = _Index(np.asarray(vec.clips), np.asarray(vec.attended))
+    index = VideoIndex.from_arrays(np.asarray(vec.clips), np.asarray(vec.attended), alpha=0.7)
     q = search_bench.make_queries(index, queries, 2)
     engines = {t: ExactSearch(index, threads=t) for t in threads}
     ms: dict[str, list[float]] = {}

@@ -93,6 +93,17 @@ def _top(cand: torch.Tensor, sc: torch.Tensor, fs: torch.Tensor, key: torch.Tens
     return SearchResult(cand.gather(1, o), vals, sc.gather(1, o), fs.gather(1, o), key.gather(1, o))
 
 
+def _bound_after(ub_val: torch.Tensor, m: int) -> torch.Tensor:
+    """Bound of the best video left out after the m best of sorted bounds (Q, >= m); -inf when
+    every video is in."""
+    return ub_val[:, m] if ub_val.shape[1] > m else torch.full((len(ub_val),), float("-inf"))
+
+
+def _put(res: SearchResult, rows: torch.Tensor, part: SearchResult) -> SearchResult:
+    """res with its query rows `rows` replaced by part's."""
+    return SearchResult(*(r.index_copy(0, rows, p) for r, p in zip(res, part)))
+
+
 def _rows(arr: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     """Gather rows of a flat (R, H) (possibly memory-mapped, fp16) array as fp32 (sorted reads)."""
     if len(rows) == 0:
@@ -234,14 +245,12 @@ class ExactSearch:
                 res = part
             else:
                 part = merge_topk(SearchResult(*(r[todo] for r in res)), part, k)
-                res = SearchResult(*(r.index_copy(0, todo, p) for r, p in zip(res, part)))
-            bound = ub_val[todo, m] if ub_val.shape[1] > m else torch.full((len(todo),), float("-inf"))
-            todo, done = todo[part.fused[:, -1] < bound], m             # the certificate per query
+                res = _put(res, todo, part)
+            todo, done = todo[part.fused[:, -1] < _bound_after(ub_val[todo], m)], m   # the certificate
             if len(todo) == 0:
                 return res
         self.stats["fused_misses"] += len(todo)
-        fix = self._search_screened(q[todo], k, alpha)
-        return SearchResult(*(r.index_copy(0, todo, f) for r, f in zip(res, fix)))
+        return _put(res, todo, self._search_screened(q[todo], k, alpha))
 
     def _certified(self, q: torch.Tensor, k: int, alpha: float, best: tuple) -> SearchResult:
         """Exact re-score of the M best videos by their bound (best: bounds (Q, M+1) sorted,
@@ -249,14 +258,11 @@ class ExactSearch:
         below the bound of the best video left out is answered by the plain fp32 path instead."""
         M = self._budget(k)
         ub_val, ub_idx, near = best
-        bound = ub_val[:, M] if ub_val.shape[1] > M else torch.full((len(q),), float("-inf"))
         res = self._rescore(q, ub_idx[:, :M], near[:, :M], alpha, k)
-        ok = res.fused[:, -1] >= bound                      # certificate per query
-        if not bool(ok.all()):
-            bad = (~ok).nonzero().squeeze(1)
+        bad = (res.fused[:, -1] < _bound_after(ub_val, M)).nonzero().squeeze(1)   # certificate per query
+        if len(bad):
             self.stats["fallbacks"] += len(bad)
-            fix = self._search_fp32(q[bad], k, alpha)
-            res = SearchResult(*(r.index_copy(0, bad, fx) for r, fx in zip(res, fix)))
+            res = _put(res, bad, self._search_fp32(q[bad], k, alpha))
         return res
 
     def _rescore(self, q: torch.Tensor, cand: torch.Tensor, near: torch.Tensor, alpha: float,
